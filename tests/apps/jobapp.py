@@ -1,0 +1,107 @@
+"""The app the tests drive.  Handlers record what they did, one line per call, in a
+file per process under $JOBAPP_OUT, so a test can count exactly who handled what."""
+
+import os
+import sys
+import time
+
+from jobrunner import JobRunner, RecoverableError, UnrecoverableError
+
+OUT = os.environ.get("JOBAPP_OUT", "handled")
+
+jobs = JobRunner(delay=float(os.environ.get("JOBAPP_RETRY_DELAY", "0.05")), queues=["empty"])
+
+
+def record(kind, value):
+    os.makedirs(OUT, exist_ok=True)
+    fd = os.open(os.path.join(OUT, str(os.getpid())), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, ("%s %s %.6f\n" % (kind, value, time.time())).encode())
+    finally:
+        os.close(fd)
+
+
+@jobs.handler
+def note(n):
+    record("note", n)
+
+
+@jobs.handler(queue="high")
+def note_high(n):
+    record("high", n)
+
+
+@jobs.handler(queue="low")
+def note_low(n):
+    record("low", n)
+
+
+@jobs.handler(max_retries=2, delay=0.2, multiplier=2.0, jitter=0.0)
+def always_fails(n):
+    record("fail", n)
+    raise ValueError("always fails %s" % n)
+
+
+@jobs.handler(max_retries=5)
+def fails_unless_fixed(n):
+    if not os.path.exists(os.path.join(OUT, "fixed")):
+        record("fail", n)
+        raise RuntimeError("not fixed yet")
+    record("note", n)
+
+
+@jobs.handler(max_retries=5)
+def unrecoverable(n):
+    record("fail", n)
+    raise UnrecoverableError("no point retrying %s" % n)
+
+
+@jobs.handler(max_retries=0, delay=0.01)
+def recoverable(n, times=3):
+    path = os.path.join(OUT, "recoverable-%s" % n)
+    count = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(count + 1))
+    if count < times:
+        record("fail", n)
+        raise RecoverableError("try again")
+    record("note", n)
+
+
+@jobs.handler(queue="slow")
+def slow(n, seconds=1.0):
+    record("start", n)
+    time.sleep(seconds)
+    record("note", n)
+
+
+@jobs.handler(queue="slow", max_retries=1, delay=0.01)
+def crash(n):
+    record("crash", n)
+    sys.stdout.flush()
+    os._exit(3)
+
+
+@jobs.handler(timeout=0.3, max_retries=1, delay=0.01)
+def too_slow(n):
+    record("start", n)
+    time.sleep(5)
+    record("note", n)
+
+
+@jobs.handler(transactional=True)
+def transfer(db, n, fail=False, children=0):
+    db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
+    db.execute("INSERT INTO ledger (n) VALUES (?)", (n,))
+    for i in range(children):
+        jobs.dispatch("note", {"n": "%s.%d" % (n, i)})
+    if fail:
+        raise RuntimeError("failed after writing %s" % n)
+    record("note", n)
+
+
+@jobs.handler(transactional=True, max_retries=0)
+def commits_itself(db, n):
+    db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
+    db.execute("INSERT INTO ledger (n) VALUES (?)", (n,))
+    db.commit()
