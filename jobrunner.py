@@ -1313,6 +1313,84 @@ def _allow_all(*args):
     return sqlite3.SQLITE_OK
 
 
+class _CommitWaiter:
+    """Sleeps until another connection commits, the worker is woken, or a timeout.
+
+    On Linux it waits on inotify for writes to the ``-wal`` file (every
+    commit appends frames to it), so an idle worker costs no CPU and wakes
+    within a millisecond; elsewhere it polls ``PRAGMA data_version``.
+    ``wake()`` is safe from signal handlers and other threads.
+    """
+
+    poll_interval = 0.002
+
+    def __init__(self, transport):
+        self.transport = transport
+        self._read_fd, self._write_fd = os.pipe()
+        for fd in (self._read_fd, self._write_fd):
+            os.set_blocking(fd, False)
+        self._inotify = None
+        self._watching = None
+
+    def wake(self):
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, b"!")
+
+    def close(self):
+        for fd in (self._read_fd, self._write_fd, self._inotify):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._read_fd = self._write_fd = self._inotify = None
+
+    def sleep(self, timeout):
+        """Sleep up to ``timeout`` seconds unless woken."""
+        if select.select([self._read_fd], [], [], max(0.0, timeout))[0]:
+            _drain_fd(self._read_fd)
+
+    def wait(self, version, timeout, stopped):
+        """Return once data_version differs from ``version``, ``stopped()`` is true, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        inotify = self._watch_wal()
+        if inotify is not None:
+            _drain_fd(inotify)
+        while not stopped():
+            if self.transport.data_version() != version:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            fds = [self._read_fd] if inotify is None else [self._read_fd, inotify]
+            ready = select.select(fds, [], [], left if inotify is not None else min(self.poll_interval, left))[0]
+            for fd in ready:
+                _drain_fd(fd)
+
+    def _watch_wal(self):
+        wal = self.transport.path + "-wal"
+        if self._watching == wal:
+            return self._inotify
+        if self._watching is False or not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0 or libc.inotify_add_watch(fd, os.fsencode(wal), 0x2) < 0:  # IN_MODIFY
+                if fd >= 0:
+                    os.close(fd)
+                raise OSError(ctypes.get_errno(), "inotify")
+        except (OSError, AttributeError):
+            self._watching = False
+            return None
+        self._inotify, self._watching = fd, wal
+        return fd
+
+
+def _drain_fd(fd):
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while os.read(fd, 65536):
+            pass
+
+
 class _ForcedStop(BaseException):
     """A second SIGINT/SIGTERM: stop now, even in the middle of a handler."""
 
@@ -1326,9 +1404,6 @@ class Worker:
     ``memory_limit`` bytes of RSS, ``time_limit`` seconds.  ``sleep`` is the
     longest idle wait between polls; a committed message wakes it at once.
     """
-
-    #: seconds between reads of PRAGMA data_version while idle
-    poll_interval = 0.002
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
                  name=None, install_signals=True, parent_pid=None, stop_timeout=10.0):
@@ -1355,7 +1430,7 @@ class Worker:
         self.processed = self.handled = self.failed = 0
         self.exit_code = 0
         self._stop_reason = None
-        self._wake = threading.Event()
+        self._waiter = None
         self._current = None  # (delivery, handler, headers) while a handler runs
         self._deadline = None  # monotonic time past which the running handler is stuck
         self._alarm_armed = False
@@ -1372,7 +1447,8 @@ class Worker:
         if self._stop_reason is None:
             self._stop_reason = reason
             self.exit_code = exit_code
-        self._wake.set()
+        if self._waiter is not None:
+            self._waiter.wake()
 
     def _on_signal(self, signum, frame):
         self._signals_seen += 1
@@ -1417,6 +1493,7 @@ class Worker:
 
     def run(self):
         """Consume until a limit, a signal or ``stop-workers``; return the reason."""
+        self._waiter = _CommitWaiter(self.transport)
         previous_signals = self._install_signals()
         heartbeat = None
         started = time.monotonic()
@@ -1438,6 +1515,8 @@ class Worker:
             self._finish(outcome)
             for sig, handler in previous_signals.items():
                 signal.signal(sig, handler)
+            waiter, self._waiter = self._waiter, None
+            waiter.close()
         level = logging.INFO if self.exit_code == 0 else logging.ERROR
         _log.log(level, "worker %s stopped: %s (%d messages, %d failed attempts)", self.name, self._stop_reason,
                  self.processed, self.failed)
@@ -1457,7 +1536,7 @@ class Worker:
             except StorageError as exc:
                 backoff = min(30.0, max(0.5, backoff * 2))
                 _log.error("%s; retrying in %gs", exc, backoff)
-                self._wake.wait(backoff)
+                self._waiter.sleep(backoff)
                 continue
             backoff = 0.0
             if not settled:
@@ -1475,17 +1554,11 @@ class Worker:
             timeout = min(timeout, max(0.0, due - time.time()))
         if self.time_limit is not None:
             timeout = min(timeout, max(0.0, self.time_limit - (time.monotonic() - started)))
-        deadline = time.monotonic() + timeout
-        while self._stop_reason is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._wake.wait(min(self.poll_interval, left))
-            try:
-                if self.transport.data_version() != version:
-                    return
-            except (StorageError, sqlite3.Error):
-                return
+        try:
+            self._waiter.wait(version, timeout, lambda: self._stop_reason is not None)
+        except (JobRunnerError, sqlite3.Error) as exc:
+            _log.error("waiting for messages: %s", exc)
+            self._waiter.sleep(min(timeout, 1.0))
 
     def _finish(self, outcome):
         """Settle the last outcome and leave the registry; never raises."""
