@@ -560,11 +560,12 @@ class SqliteTransport(Transport):
             raise
 
     @contextlib.contextmanager
-    def transaction(self, conn=None):
+    def transaction(self, conn=None, user_code=False):
         """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
 
         IMMEDIATE takes the write lock up front: a deferred transaction that
         upgrades to a write fails with SQLITE_BUSY under WAL whatever the timeout.
+        SQLite errors become StorageError, except those of ``user_code``.
         """
         conn = conn or self.connection()
         try:
@@ -580,7 +581,7 @@ class SqliteTransport(Transport):
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     self.reconnect()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, sqlite3.Error) and not user_code:
                 raise _storage_error(exc, self.path) from exc
             raise
 
@@ -790,6 +791,19 @@ class SqliteTransport(Transport):
             ).rowcount
         return moved
 
+    def check_failed_ids(self, ids, conn=None):
+        """Sorted unique ids; UnknownMessage naming those not in the failure queue."""
+        ids = sorted(set(int(i) for i in ids))
+        conn = conn or self.connection(create=False)
+        found = {row[0] for row in conn.execute(
+            "SELECT id FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))",
+            (FAILED_QUEUE, json.dumps(ids)),
+        ).fetchall()}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise UnknownMessage("no failed message with id %s" % ", ".join(map(str, missing)))
+        return ids
+
     def remove_failed(self, ids, conn):
         return conn.execute(
             "DELETE FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))",
@@ -961,6 +975,9 @@ class JobRunner:
         self.retry = RetryStrategy(max_retries, delay, multiplier, max_delay, jitter)
         self.handlers = {}
         self._declared_queues = [check_queue_name(q) for q in queues]
+        unknown = set(settings) - {f.name for f in dataclasses.fields(Settings)} | ({"path"} & set(settings))
+        if unknown:
+            raise ConfigurationError("JobRunner() got unknown setting(s): %s" % ", ".join(sorted(unknown)))
         self._settings_overrides = settings
         self._dsn = dsn or os.environ.get("JOBRUNNER_DSN") or "jobrunner.db"
         self.settings = Settings.from_dsn(self._dsn, **settings)
@@ -1105,7 +1122,7 @@ class JobRunner:
         if self._current_conn() is not None:
             yield self._current_conn()
             return
-        with self.transport.transaction() as conn:
+        with self.transport.transaction(user_code=True) as conn:
             self._tx.conn = conn
             try:
                 yield conn
@@ -1153,15 +1170,8 @@ class JobRunner:
         return self._on_failed(ids, self.transport.remove_failed)
 
     def _on_failed(self, ids, action):
-        ids = sorted(set(int(i) for i in ids))
         with self.transport.transaction(self.transport.connection(create=False)) as conn:
-            found = {row[0] for row in conn.execute(
-                "SELECT id FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))",
-                (FAILED_QUEUE, json.dumps(ids)),
-            ).fetchall()}
-            missing = [i for i in ids if i not in found]
-            if missing:
-                raise UnknownMessage("no failed message with id %s" % ", ".join(map(str, missing)))
+            ids = self.transport.check_failed_ids(ids, conn)
             return action(ids, conn)
 
 
@@ -1409,6 +1419,9 @@ class Worker:
                  name=None, install_signals=True, parent_pid=None, stop_timeout=10.0):
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
+        if FAILED_QUEUE in queues:
+            raise ConfigurationError("the %r queue is not consumed: `jobrunner failed retry --all` puts its messages "
+                                     "back on their queues" % FAILED_QUEUE)
         self.queues = app.check_queues(list(queues))
         for option, value in (("limit", limit), ("failure_limit", failure_limit), ("memory_limit", memory_limit)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -1549,7 +1562,7 @@ class Worker:
             outcome = self._process(delivery)
 
     def _idle(self, version, due, started):
-        timeout = self.sleep
+        timeout = max(self.sleep, 0.01)  # commits wake us anyway; never spin
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
         if self.time_limit is not None:
@@ -1766,9 +1779,14 @@ class _Heartbeat(threading.Thread):
     def stop(self):
         self._stopped.set()
         self.join(timeout=self.transport.settings.busy_timeout + 5)
-        self.transport.close()
 
     def run(self):
+        try:
+            self._run()
+        finally:
+            self.transport.close()  # this thread's connection
+
+    def _run(self):
         settings = self.transport.settings
         interval = settings.heartbeat_interval
         reap_every = max(interval, min(5.0, settings.heartbeat_timeout / 4))
@@ -2497,15 +2515,15 @@ def read_status(transport):
     return {"processes": out}
 
 
-def check_health(app, max_ready=None, max_failed=None, max_age=None):
+def check_health(transport, max_ready=None, max_failed=None, max_age=None):
     """``(healthy, reasons, stats)``: the database answers, supervised workers run and beat, thresholds hold."""
     reasons = []
     try:
-        stats = app.stats()
-        status = read_status(app.transport)
+        stats = transport.stats()
+        status = read_status(transport)
     except JobRunnerError as exc:
         return False, [str(exc)], None
-    timeout = app.settings.heartbeat_timeout
+    timeout = transport.settings.heartbeat_timeout
     for proc in status["processes"]:
         if proc["supervisor_pid"] is None:
             if proc["beat_age_s"] is not None and proc["beat_age_s"] > timeout:
@@ -2775,13 +2793,10 @@ def _build_cli():
             raise click.UsageError("give message ids or --all, not both")
         if not ids and not all_:
             raise click.UsageError("give the ids of failed messages, or --all")
-        app = JobRunner(transport.settings.path)
-        app.transport = transport
-        targets = transport.failed_ids() if all_ else sorted(set(ids))
+        # unknown ids: one clear error before anything changes
+        targets = transport.failed_ids() if all_ else transport.check_failed_ids(ids)
         if not targets:
             return click.echo("no failed messages")
-        if not all_:
-            app._on_failed(targets, lambda ids, conn: 0)  # unknown ids: one clear error before anything changes
         if len(targets) > 1 and not force:
             click.confirm("%s %d failed messages?" % (verb.capitalize(), len(targets)), abort=True, err=True)
         done = 0
@@ -2887,10 +2902,8 @@ def _build_cli():
     @app_options
     def health(max_ready, max_failed, max_age, as_json, app_spec, dsn):
         """Exit 0 when the database answers, supervised workers run and beat, and the thresholds hold; else 1."""
-        app, transport = get_transport(app_spec, dsn)
-        if app is None:
-            app = JobRunner(transport.settings.path)
-        healthy, reasons, data = check_health(app, max_ready, max_failed, max_age)
+        _, transport = get_transport(app_spec, dsn)
+        healthy, reasons, data = check_health(transport, max_ready, max_failed, max_age)
         if as_json:
             echo_json({"healthy": healthy, "reasons": reasons, "stats": data})
         elif healthy:
