@@ -1788,6 +1788,10 @@ class _Heartbeat(threading.Thread):
 
     def _run(self):
         settings = self.transport.settings
+        try:
+            self.transport.connection()  # held open: if the file is deleted, this connection can still save it
+        except JobRunnerError as exc:
+            _log.error("heartbeat: %s", exc)
         interval = settings.heartbeat_interval
         reap_every = max(interval, min(5.0, settings.heartbeat_timeout / 4))
         next_reap = time.monotonic() + reap_every
@@ -1862,7 +1866,10 @@ class _Heartbeat(threading.Thread):
         inode = _inode(self.transport.path)
         if inode == self._inode:
             return True
-        self.worker.stop("database file %s was deleted or replaced" % self.transport.path, exit_code=1)
+        # This connection still holds the old file open: copy its messages out before stopping.
+        saved = _save_unlinked_database(self.transport)
+        self.worker.stop("database file %s was deleted or replaced; %s" % (
+            self.transport.path, "its messages were saved to %s" % saved if saved else "it could not be saved"), exit_code=1)
         return False
 
     def _bound_wal(self):
@@ -1874,6 +1881,29 @@ class _Heartbeat(threading.Thread):
         if size > max(self.transport.settings.journal_size_limit, 4 * _MIB):
             # readers that never pause starve automatic checkpoints; force one back to zero
             self.transport.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _save_unlinked_database(transport):
+    """Back up what this thread's connection still sees of a deleted database; return the copy's path."""
+    target = "%s.saved-%s" % (transport.path, time.strftime("%Y%m%dT%H%M%S"))
+    try:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return None  # another worker is saving it this very second, or the directory is gone
+    os.close(fd)
+    try:
+        source = getattr(transport._local, "conn", None)
+        if source is None:
+            raise StorageError("no open connection to the old file")
+        copy = sqlite3.connect(target)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+        return target
+    except (sqlite3.Error, JobRunnerError) as exc:
+        _log.error("could not save the deleted database to %s: %s", target, exc)
+        return None
 
 
 def _inode(path):
