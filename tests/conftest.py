@@ -17,6 +17,21 @@ JOBRUNNER = str(REPO / "jobrunner.py")
 sys.path.insert(0, str(APPS))
 
 
+FIGURES = []
+
+
+def report(line):
+    """A figure for the end-of-run summary (the README's Reliability section quotes them)."""
+    FIGURES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
     """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -37,7 +52,7 @@ class Project:
         self.db = path / "var" / "jobs.db"
         self.out = path / "handled"
         self.env = dict(os.environ, JOBRUNNER_APP="jobapp", JOBRUNNER_DSN=str(self.db), JOBAPP_OUT=str(self.out),
-                        PYTHONPATH=str(APPS), PYTHONUNBUFFERED="1")
+                        PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]), PYTHONUNBUFFERED="1")
         self.processes = []
 
     def cli(self, *args, timeout=60, input=None, env=None):
@@ -60,7 +75,7 @@ class Project:
             for f in self.out.iterdir():
                 if f.name.isdigit():
                     for line in f.read_text().splitlines():
-                        k, value, _ = line.split(" ")
+                        k, value = line.split(" ")[:2]
                         if k == kind:
                             lines.append((value, int(f.name)))
         return lines

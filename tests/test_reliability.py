@@ -1,0 +1,326 @@
+"""What jobrunner does when things go wrong, with real processes killed for real.
+
+Each scenario asserts that nothing is lost, exactly, and reports its figures
+(see the "reliability figures" section at the end of a pytest run).
+"""
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from conftest import report, wait_until
+
+pytestmark = pytest.mark.slow
+
+RELIAPP = {"JOBRUNNER_APP": "reliapp"}
+
+
+def fill(project, count):
+    """count messages for reliapp's `work` handler, in one transaction."""
+    code = "import reliapp; reliapp.jobs.dispatch_many('work', [{'n': i} for i in range(%d)])" % count
+    subprocess.run([sys.executable, "-c", code], env=dict(project.env, **RELIAPP), cwd=project.path, check=True)
+
+
+def queue_counts(project):
+    stats = json.loads(project.cli("stats", "--json").stdout)
+    pending = sum(q["ready"] + q["delayed"] + q["in_flight"] for q in stats["queues"])
+    return pending, stats["failed"]
+
+
+def workers_of(supervisor):
+    try:
+        return [c for c in psutil.Process(supervisor.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc):
+    """SIGKILL a supervisor and every worker it forked (they live in their own process groups)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in [proc] + children:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def check_all_handled(project, count, kills):
+    """Every message handled at least once, none left, none failed; duplicates only from kills."""
+    handled = project.values()
+    unique = set(handled)
+    assert unique == {str(i) for i in range(count)}, "lost: %s" % sorted(
+        {str(i) for i in range(count)} - unique, key=int)[:20]
+    pending, failed = queue_counts(project)
+    assert (pending, failed) == (0, 0)
+    duplicates = len(handled) - count
+    assert duplicates <= kills, "%d duplicates from %d kills" % (duplicates, kills)
+    return duplicates
+
+
+def test_workers_killed_at_random_lose_nothing(project):
+    count = 3000
+    fill(project, count)
+    supervisor = project.start("supervise", "async", "--numprocs", "3", "--startsecs", "0.2", "--log-dir", "var/log",
+                               env=RELIAPP)
+    kills = 0
+    rng = random.Random(1)
+    started = time.monotonic()
+    try:
+        while len(set(project.values())) < count:
+            assert time.monotonic() - started < 90, "drain stalled at %d" % len(set(project.values()))
+            time.sleep(rng.uniform(0.1, 0.4))
+            victims = workers_of(supervisor)
+            if victims and len(set(project.values())) < count:
+                os.kill(rng.choice(victims).pid, signal.SIGKILL)
+                kills += 1
+        wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
+        duplicates = check_all_handled(project, count, kills)
+        assert kills >= 5
+        report("random SIGKILLs of 3 supervised workers: %d messages, %d kills, lost 0, failed 0, %d duplicates, "
+               "%.1fs" % (count, kills, duplicates, time.monotonic() - started))
+    finally:
+        kill_tree(supervisor)
+
+
+def test_supervisor_killed_and_restarted_loses_nothing(project):
+    count = 2000
+    fill(project, count)
+    args = ("supervise", "async", "--numprocs", "2", "--startsecs", "0.2", "--log-dir", "var/log")
+    first = project.start(*args, env=RELIAPP)
+    started = time.monotonic()
+    wait_until(lambda: len(project.values()) > count // 3, timeout=30, message="a third handled")
+    orphans = workers_of(first)
+    kill_tree_pids = [p.pid for p in orphans]
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    # the kernel tells the orphaned workers (PR_SET_PDEATHSIG): they finish their message and exit
+    wait_until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                               for pid in kill_tree_pids), timeout=10, message="the orphaned workers to exit")
+    second = project.start(*args, env=RELIAPP)
+    try:
+        wait_until(lambda: len(set(project.values())) == count, timeout=60, message="every message handled")
+        wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
+        duplicates = check_all_handled(project, count, kills=2)
+        report("supervisor SIGKILLed mid-drain and restarted: %d messages, lost 0, failed 0, %d duplicates, "
+               "orphans gone, %.1fs" % (count, duplicates, time.monotonic() - started))
+    finally:
+        kill_tree(second)
+
+
+PRODUCER = textwrap.dedent("""
+    import sys, reliapp
+    first, count = int(sys.argv[1]), int(sys.argv[2])
+    for n in range(first, first + count):
+        reliapp.jobs.dispatch("work", {"n": n})
+""")
+
+
+def test_four_producers_four_consumers(project):
+    per_producer, producers = 1000, 4
+    count = per_producer * producers
+    env = dict(project.env, **RELIAPP, RELIAPP_WORK_S="0")
+    project.cli("setup")
+    consumers = [project.start("consume", "async", env={**RELIAPP, "RELIAPP_WORK_S": "0"}) for _ in range(4)]
+    started = time.monotonic()
+    running = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(i * per_producer), str(per_producer)], env=env,
+                                cwd=project.path) for i in range(producers)]
+    assert [p.wait(60) for p in running] == [0] * producers
+    wait_until(lambda: len(project.values()) >= count, timeout=60, message="every message handled")
+    elapsed = time.monotonic() - started
+    for c in consumers:
+        c.send_signal(signal.SIGTERM)
+    assert [c.wait(10) for c in consumers] == [0] * 4
+    handled = project.handled()
+    values = [v for v, _ in handled]
+    assert sorted(values, key=int) == [str(i) for i in range(count)], "lost or handled twice"
+    assert len({pid for _, pid in handled}) == 4, "every consumer took part"
+    assert queue_counts(project) == (0, 0)
+    report("4 producers and 4 consumers: %d messages in %.1fs, lost 0, handled twice 0" % (count, elapsed))
+
+
+LOCKER = textwrap.dedent("""
+    import sqlite3, sys, time
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    conn.execute("COMMIT")
+""")
+
+
+def hold_write_lock(project, seconds):
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(project.db), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    return locker
+
+
+def cpu_seconds(pid):
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def test_write_lock_held_for_seconds_is_waited_out(project):
+    project.cli("setup")
+    worker = project.start("consume", "async", env=RELIAPP)
+    fill(project, 50)
+    wait_until(lambda: len(project.values()) == 50, message="the first batch")
+    locker = hold_write_lock(project, 3)
+    started = time.monotonic()
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "50", "50"], env=dict(project.env, **RELIAPP),
+                                cwd=project.path)
+    assert producer.wait(30) == 0
+    waited = time.monotonic() - started
+    assert waited >= 2.5, "the producer should have waited for the lock"
+    locker.wait(10)
+    wait_until(lambda: len(project.values()) == 100, message="the second batch")
+    assert worker.poll() is None
+    assert queue_counts(project) == (0, 0), "nothing failed because of the lock"
+    report("write lock held 3s by another process: producer waited %.1fs, 100 messages handled, 0 failed" % waited)
+
+
+def test_write_lock_held_past_the_busy_timeout_gives_clear_errors(project):
+    dsn = "sqlite:///%s?busy_timeout=1" % project.db
+    env = {**RELIAPP, "JOBRUNNER_DSN": dsn}
+    project.cli("setup")
+    worker = project.start("consume", "async", env=env)
+    fill(project, 10)
+    wait_until(lambda: len(project.values()) == 10, message="the first batch")
+    locker = hold_write_lock(project, 5)
+    before = cpu_seconds(worker.pid)
+    result = project.cli("dispatch", "work", '{"n": 10}', env=env)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "locked" in result.stderr and "Traceback" not in result.stderr
+    time.sleep(3)
+    busy = cpu_seconds(worker.pid) - before
+    locker.wait(10)
+    assert worker.poll() is None, "the worker rides the outage out"
+    assert busy < 0.5, "the worker spun for %.2f CPU seconds while locked out" % busy
+    assert project.cli("dispatch", "work", '{"n": 10}', env=env).returncode == 0
+    wait_until(lambda: len(project.values()) == 11, message="the message after the outage")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=10)
+    assert "locked" in err and "Traceback" not in err
+    assert queue_counts(project) == (0, 0)
+    report("write lock held past busy_timeout: dispatch exits 1 with one line, worker used %.2f CPU s in 3s, "
+           "then carried on; 0 failed" % busy)
+
+
+def test_database_deleted_under_running_workers(project):
+    fill(project, 20)
+    project.cli("dispatch", "work", '{"n": 99}', "--delay", "3600", env=RELIAPP)
+    workers = [project.start("consume", "async", env=RELIAPP) for _ in range(2)]
+    wait_until(lambda: len(project.values()) == 20, message="the ready messages handled")
+    for suffix in ("", "-wal", "-shm"):
+        os.unlink(str(project.db) + suffix)
+    started = time.monotonic()
+    codes = [w.wait(15) for w in workers]
+    stopped_in = time.monotonic() - started
+    assert codes == [1, 1]
+    assert stopped_in < 5, "the workers noticed within their heartbeats"
+    errors = "".join(w.stderr.read() for w in workers)
+    assert "was deleted or replaced" in errors and "Traceback" not in errors
+    saved = list(project.db.parent.glob("jobs.db.saved-*"))
+    assert saved, "the delayed message was not saved"
+    rows = sqlite3.connect(saved[0]).execute("SELECT body FROM messenger_messages").fetchall()
+    assert rows == [('{"n":99}',)]
+    report("database deleted under 2 running workers: both stop in %.1fs with exit 1 and a clear error; the "
+           "message still stored was saved beside it" % stopped_in)
+
+
+@pytest.fixture
+def honour_permissions():
+    """A command prefix under which file permissions apply: root ignores them unless it drops CAP_DAC_OVERRIDE."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv(1) to drop CAP_DAC_OVERRIDE")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, "--bounding-set", caps, "--inh-caps", caps, "--"]
+
+
+def test_database_file_made_read_only(project, honour_permissions):
+    """Permissions are checked when a file is opened: a running worker goes on; a new writer gets a clear error."""
+    from conftest import JOBRUNNER
+
+    def jobrunner(*args):
+        return subprocess.run([*honour_permissions, sys.executable, JOBRUNNER, *args], env=dict(project.env, **RELIAPP),
+                              cwd=project.path, capture_output=True, text=True, timeout=30)
+
+    assert jobrunner("dispatch", "work", '{"n": 0}').returncode == 0
+    worker = subprocess.Popen([*honour_permissions, sys.executable, JOBRUNNER, "consume", "async"],
+                              env=dict(project.env, **RELIAPP), cwd=project.path, stderr=subprocess.PIPE, text=True)
+    project.processes.append(worker)
+    wait_until(lambda: project.values() == ["0"], message="the first message")
+    os.chmod(project.db, 0o400)
+    result = jobrunner("dispatch", "work", '{"n": 1}')
+    assert result.returncode == 2, result.stderr
+    assert "read-only" in result.stderr and result.stderr.count("\n") == 1
+    assert worker.poll() is None
+    os.chmod(project.db, 0o600)
+    assert jobrunner("dispatch", "work", '{"n": 1}').returncode == 0
+    wait_until(lambda: project.values() == ["0", "1"], message="the message after the fix")
+    report("database file made read-only: a new producer exits 2 with one line, the running worker carries on")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs CAP_SYS_ADMIN")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_gives_clear_errors_and_loses_nothing(project, small_disk):
+    db = small_disk / "jobs.db"
+    env = {**RELIAPP, "JOBRUNNER_DSN": str(db)}
+    project.cli("setup", env=env)
+    worker = project.start("consume", "async", env=env)
+    for n in range(5):
+        assert project.cli("dispatch", "work", '{"n": %d}' % n, env=env).returncode == 0
+    wait_until(lambda: len(project.values()) == 5, message="the first batch")
+    project.cli("dispatch", "work", '{"n": 100}', "--delay", "3600", env=env)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    before = cpu_seconds(worker.pid)
+    failures = 0
+    for n in range(5, 25):
+        result = project.cli("dispatch", "work", '{"n": %d, "pad": "%s"}' % (n, "x" * 3000), env=env)
+        if result.returncode != 0:
+            failures += 1
+            assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    time.sleep(1)
+    assert failures > 0, "the disk never filled up"
+    assert worker.poll() is None
+    assert cpu_seconds(worker.pid) - before < 1.0
+    filler.unlink()
+    assert project.cli("dispatch", "work", '{"n": 200}', env=env).returncode == 0
+    wait_until(lambda: "200" in project.values(), message="the message after space came back")
+    rows = sqlite3.connect(str(db)).execute("SELECT body FROM messenger_messages WHERE available_at > ?",
+                                           (time.time(),)).fetchall()
+    assert rows == [('{"n":100}',)], "the delayed message survived"
+    report("disk full: %d of 20 dispatches refused with one line (exit 2), the worker idled, nothing stored was lost"
+           % failures)
