@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "JobRunner",
     "Handler",
+    "FAILED_QUEUE",
     "RetryStrategy",
     "Envelope",
     "Settings",
@@ -188,7 +189,7 @@ class Settings:
 def _convert_option(key, raw, kind):
     try:
         if kind is int:
-            return parse_size(raw) if key.endswith("bytes") or key.endswith("limit") else int(raw)
+            return _parse_size(raw) if key.endswith("bytes") or key.endswith("limit") else int(raw)
         if kind is float:
             value = float(raw)
             if math.isnan(value) or math.isinf(value):
@@ -202,7 +203,7 @@ def _convert_option(key, raw, kind):
 _SIZE_UNITS = {"": 1, "B": 1, "K": _KIB, "KB": _KIB, "M": _MIB, "MB": _MIB, "G": 1024 * _MIB, "GB": 1024 * _MIB}
 
 
-def parse_size(text):
+def _parse_size(text):
     """Bytes from ``128M``, ``1G``, ``512kb`` or a plain number; ValueError otherwise."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = match and match.group(2).upper()
@@ -262,7 +263,7 @@ _QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,189}\Z")
 FAILED_QUEUE = "failed"
 
 
-def check_queue_name(queue):
+def _check_queue_name(queue):
     """Return ``queue`` if it is a usable queue name, else raise InvalidMessage."""
     if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
         raise InvalidMessage(
@@ -271,7 +272,7 @@ def check_queue_name(queue):
     return queue
 
 
-def encode_json(value):
+def _encode_json(value):
     """Compact JSON; raises InvalidMessage for what JSON cannot carry (NaN, objects, ...)."""
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -323,12 +324,34 @@ def _decode_headers(text):
     return headers if isinstance(headers, dict) else None
 
 
+def _int_header(headers, key):
+    """A count kept in the headers; 0 when absent or garbage."""
+    value = headers.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _encode_headers(headers):
+    """Headers as stored: like encode_json, but tolerant of what a garbage row brought in (NaN, odd types)."""
+    return json.dumps(headers, separators=(",", ":"), ensure_ascii=False, default=_json_safe)
+
+
+def _json_safe(value):
+    """A column value as JSON can carry it: text stays text, a BLOB becomes ``base64:...``."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        import base64
+
+        return "base64:" + base64.b64encode(bytes(value)).decode("ascii")
+    if value is None or isinstance(value, (str, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return repr(value)
+
+
 def _envelope_from_row(row):
     """Envelope from a (id, body, headers, queue, created, available, delivered, attempts) row, tolerating garbage."""
     id_, body, headers_text, queue, created, available, delivered, attempts = row
     headers = _decode_headers(headers_text)
     if headers is None:
-        headers = {"original_headers": headers_text}
+        headers = {"original_headers": _json_safe(headers_text)}
     try:
         payload = json.loads(body)
     except (TypeError, ValueError):
@@ -780,14 +803,14 @@ class SqliteTransport(Transport):
         moved = 0
         for envelope in self._failed_in(conn, ids):
             headers = {k: v for k, v in envelope.headers.items() if k not in _FAILURE_HEADERS}
-            headers["redelivered_from_failed"] = int(headers.get("redelivered_from_failed", 0) or 0) + 1
+            headers["redelivered_from_failed"] = _int_header(headers, "redelivered_from_failed") + 1
             queue = envelope.headers.get("original_queue")
             if not isinstance(queue, str) or not _QUEUE_NAME.match(queue) or queue == FAILED_QUEUE:
                 queue = "async"
             moved += conn.execute(
                 "UPDATE messenger_messages SET queue_name = ?, headers = ?, attempts = 0, available_at = ?, "
                 "delivered_at = NULL, claimed_by = NULL WHERE id = ? AND queue_name = ?",
-                (queue, encode_json(headers), now, envelope.id, FAILED_QUEUE),
+                (queue, _encode_headers(headers), now, envelope.id, FAILED_QUEUE),
             ).rowcount
         return moved
 
@@ -971,10 +994,10 @@ class JobRunner:
 
     def __init__(self, dsn=None, *, queue="async", queues=(), max_retries=3, delay=1.0, multiplier=2.0, max_delay=None,
                  jitter=0.1, **settings):
-        self.default_queue = check_queue_name(queue)
+        self.default_queue = _check_queue_name(queue)
         self.retry = RetryStrategy(max_retries, delay, multiplier, max_delay, jitter)
         self.handlers = {}
-        self._declared_queues = [check_queue_name(q) for q in queues]
+        self._declared_queues = [_check_queue_name(q) for q in queues]
         unknown = set(settings) - {f.name for f in dataclasses.fields(Settings)} | ({"path"} & set(settings))
         if unknown:
             raise ConfigurationError("JobRunner() got unknown setting(s): %s" % ", ".join(sorted(unknown)))
@@ -1031,7 +1054,7 @@ class JobRunner:
                 **{k: v for k, v in dict(max_retries=max_retries, delay=delay, multiplier=multiplier, max_delay=max_delay,
                                           jitter=jitter).items() if v is not None},
             )
-            target = check_queue_name(queue or self.default_queue)
+            target = _check_queue_name(queue or self.default_queue)
             if target == FAILED_QUEUE:
                 raise ConfigurationError("queue %r holds failed messages; route handler %s elsewhere" % (FAILED_QUEUE, handler_name))
             handler = Handler(self, fn, handler_name, target, retry, timeout, bool(transactional))
@@ -1051,7 +1074,7 @@ class JobRunner:
         """Raise InvalidMessage for a queue no handler is routed to (``failed`` is always known)."""
         known = self.queues
         for queue in queues:
-            check_queue_name(queue)
+            _check_queue_name(queue)
             if queue not in known and queue != FAILED_QUEUE:
                 raise InvalidMessage("unknown queue %r (known: %s)" % (queue, ", ".join(known) or "none: register a handler first"))
         return list(queues)
@@ -1063,7 +1086,7 @@ class JobRunner:
         if payload is None:
             payload = {}
         handler.check(payload)
-        body = encode_json(payload)
+        body = _encode_json(payload)
         if len(body) > self.settings.max_body_bytes and len(body.encode("utf-8")) > self.settings.max_body_bytes:
             raise InvalidMessage("payload of %s is %d bytes, over the %d-byte limit (max_body_bytes)"
                                  % (name, len(body.encode("utf-8")), self.settings.max_body_bytes))
@@ -1177,10 +1200,10 @@ class JobRunner:
 
 @functools.lru_cache(maxsize=1024)
 def _headers_for(name):
-    return encode_json({"handler": name})
+    return _encode_json({"handler": name})
 
 
-def find_app_spec(app=None):
+def _find_app_spec(app=None):
     """The app as ``module[:attr]``: ``--app``, else ``$JOBRUNNER_APP``, else ``[tool.jobrunner] app`` in ./pyproject.toml."""
     if app:
         return app
@@ -1203,7 +1226,7 @@ def find_app_spec(app=None):
     return spec
 
 
-def load_app(spec):
+def _load_app(spec):
     """Import ``module[:attr]`` and return its JobRunner; with no attr, the module's only JobRunner."""
     import importlib
 
@@ -1236,10 +1259,10 @@ def load_app(spec):
 
 # --- The worker loop ----------------------------------------------------------------
 
-VERBOSE = 15  # one line per message: shown with -v
-logging.addLevelName(VERBOSE, "VERBOSE")
+_VERBOSE = 15  # one line per message: shown with -v
+logging.addLevelName(_VERBOSE, "VERBOSE")
 
-_LEVELS = {0: logging.INFO, 1: VERBOSE, 2: logging.DEBUG}
+_LEVELS = {0: logging.INFO, 1: _VERBOSE, 2: logging.DEBUG}
 
 
 def _log_formatter(name):
@@ -1603,7 +1626,7 @@ class Worker:
         self.processed += 1
         headers = _decode_headers(delivery.headers)
         if headers is None:
-            return self._poison(delivery, {"original_headers": delivery.headers}, "headers are not a JSON object")
+            return self._poison(delivery, {"original_headers": _json_safe(delivery.headers)}, "headers are not a JSON object")
         name = headers.get("handler")
         handler = self.app.handlers.get(name) if isinstance(name, str) else None
         if handler is None:
@@ -1616,7 +1639,7 @@ class Worker:
             handler.check(payload)
         except InvalidMessage as exc:
             return self._poison(delivery, headers, str(exc))
-        counted = delivery.attempts - int(headers.get("free_retries", 0) or 0)
+        counted = delivery.attempts - _int_header(headers, "free_retries")
         if counted > handler.retry.max_retries + 1:
             return self._poison(delivery, headers, "its last attempt never finished: the worker died, was killed or "
                                 "timed out during it (%d attempts)" % (counted - 1), error_class="WorkerDied")
@@ -1696,8 +1719,8 @@ class Worker:
 
     def _succeeded(self, delivery, handler, started):
         self.handled += 1
-        if _log.isEnabledFor(VERBOSE):
-            _log.log(VERBOSE, "message %d handled by %s in %.1f ms (attempt %d)", delivery.id, handler.name,
+        if _log.isEnabledFor(_VERBOSE):
+            _log.log(_VERBOSE, "message %d handled by %s in %.1f ms (attempt %d)", delivery.id, handler.name,
                      (time.perf_counter() - started) * 1000, delivery.attempts)
         return _Outcome("ack", delivery)
 
@@ -1723,7 +1746,7 @@ class Worker:
 def _failure_outcome(delivery, handler, headers, exc):
     """Retry or fail after ``exc``, as the handler's strategy and the exception say."""
     retry = handler.retry
-    free = int(headers.get("free_retries", 0) or 0)
+    free = _int_header(headers, "free_retries")
     counted = delivery.attempts - free
     tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]
     if not isinstance(exc, UnrecoverableError) and (isinstance(exc, RecoverableError) or counted <= retry.max_retries):
@@ -1735,7 +1758,7 @@ def _failure_outcome(delivery, handler, headers, exc):
         retried = dict(headers, attempts=delivery.attempts, last_error="%s: %s" % (_error_class(exc), exc))
         if free:
             retried["free_retries"] = free
-        return _Outcome("retry", delivery, time.time() + wait, encode_json(retried))
+        return _Outcome("retry", delivery, time.time() + wait, _encode_headers(retried))
     return _fail_outcome(delivery, headers, _error_class(exc), str(exc), tb)
 
 
@@ -1752,7 +1775,7 @@ def _fail_outcome(delivery, headers, error_class, message, tb, reason=None):
     )
     if reason:
         failed["reason"] = reason
-    return _Outcome("fail", delivery, now, encode_json(failed))
+    return _Outcome("fail", delivery, now, _encode_headers(failed))
 
 
 def _format_bytes(n):
@@ -1916,9 +1939,6 @@ def _inode(path):
 
 # --- The supervisor -----------------------------------------------------------------
 
-# supervisord's process states
-STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL = (
-    "STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL")
 _AUTORESTART = ("true", "false", "unexpected")
 _SUPERVISOR_STALE_S = 10.0
 
@@ -1949,7 +1969,7 @@ class ProgramConfig:
         if not self.queues:
             raise ConfigurationError("program %s has no queue to consume" % self.name)
         for queue in self.queues:
-            check_queue_name(queue)
+            _check_queue_name(queue)
         if self.autorestart not in _AUTORESTART:
             raise ConfigurationError("autorestart must be true, false or unexpected, not %r" % (self.autorestart,))
         for key in ("numprocs", "startretries", "log_backups", "log_max_bytes"):
@@ -2029,14 +2049,17 @@ class _Process:
     supervisor only reports events to it (spawned, exited, stop asked).
     """
 
+    STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL = (
+        "STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL")
+
     def __init__(self, program, index):
         self.program = program
         self.name = "%s_%02d" % (program.name, index)
-        self.state = STOPPED
+        self.state = self.STOPPED
         self.state_since = time.time()
         self.pid = None
         self.backoff = 0
-        self.delay = 0.0  # monotonic time of the next start attempt while in BACKOFF
+        self.delay = 0.0  # monotonic time of the next start attempt while in self.BACKOFF
         self.laststart = 0.0  # monotonic
         self.started_at = None  # wall clock, for uptime
         self.kill_at = None
@@ -2057,44 +2080,44 @@ class _Process:
         code = os.waitstatus_to_exitcode(status)
         self.exit_status, self.pid, self.kill_at = code, None, None
         how = "exit status %d" % code if code >= 0 else "killed by %s" % signal.Signals(-code).name
-        if self.state == STOPPING or stopping:
-            self.change(STOPPED, "stopped (%s)" % how)
+        if self.state == self.STOPPING or stopping:
+            self.change(self.STOPPED, "stopped (%s)" % how)
         elif code == 0:
             # a worker exits 0 when it reached a limit or was asked to stop: recycle it
             self.restart_requested = True
-            self.change(EXITED, "exited (%s; expected)" % how)
+            self.change(self.EXITED, "exited (%s; expected)" % how)
         elif now - self.laststart < self.program.startsecs:
             self.backoff += 1
             self.delay = now + self.backoff
-            self.change(BACKOFF, "exited too quickly (%s); see %s.log" % (how, self.name))
+            self.change(self.BACKOFF, "exited too quickly (%s); see %s.log" % (how, self.name))
         else:
             self.backoff = 0
-            self.change(EXITED, "exited (%s; not expected)" % how)
+            self.change(self.EXITED, "exited (%s; not expected)" % how)
         return how
 
     def transition(self, now, running):
         """Return ``"spawn"`` or ``"kill"`` when the supervisor must act, else None."""
         program = self.program
         state = self.state
-        if state == STARTING and now - self.laststart >= program.startsecs:
+        if state == self.STARTING and now - self.laststart >= program.startsecs:
             self.backoff = 0
-            self.change(RUNNING)
-        elif state == STOPPING and self.kill_at is not None and now >= self.kill_at:
+            self.change(self.RUNNING)
+        elif state == self.STOPPING and self.kill_at is not None and now >= self.kill_at:
             return "kill"
         if not running:
-            if state == BACKOFF:
-                self.change(STOPPED, self.description)
+            if state == self.BACKOFF:
+                self.change(self.STOPPED, self.description)
             return None
-        if state == BACKOFF:
+        if state == self.BACKOFF:
             if self.backoff > program.startretries:
-                self.change(FATAL, "too many start retries too quickly; see %s.log" % self.name)
+                self.change(self.FATAL, "too many start retries too quickly; see %s.log" % self.name)
             elif now >= self.delay:
                 return "spawn"
-        elif state == EXITED:
+        elif state == self.EXITED:
             if self.restart_requested or program.autorestart == "true" or (
                     program.autorestart == "unexpected" and self.exit_status != 0):
                 return "spawn"
-        elif state == STOPPED and self.laststart == 0.0:
+        elif state == self.STOPPED and self.laststart == 0.0:
             return "spawn"
         return None
 
@@ -2169,7 +2192,7 @@ class Supervisor:
             code = 0
             try:
                 os.close(read_fd)
-                app = load_app(self.app_spec)
+                app = _load_app(self.app_spec)
                 if self.dsn or self.settings_overrides:
                     app.use_dsn(self.dsn, **self.settings_overrides)
                 for program in self.programs:
@@ -2272,11 +2295,11 @@ class Supervisor:
     def _next_timeout(self, now):
         timeout = 1.0
         for proc in self.processes:
-            if proc.state == BACKOFF:
+            if proc.state == _Process.BACKOFF:
                 timeout = min(timeout, max(0.0, proc.delay - now))
-            elif proc.state == STARTING:
+            elif proc.state == _Process.STARTING:
                 timeout = min(timeout, max(0.0, proc.laststart + proc.program.startsecs - now))
-            elif proc.state == STOPPING and proc.kill_at is not None:
+            elif proc.state == _Process.STOPPING and proc.kill_at is not None:
                 timeout = min(timeout, max(0.0, proc.kill_at - now))
         return max(timeout, 0.01)
 
@@ -2321,7 +2344,7 @@ class Supervisor:
             proc.laststart = time.monotonic()
             proc.backoff += 1
             proc.delay = proc.laststart + proc.backoff
-            proc.change(BACKOFF, "fork failed: %s" % exc)
+            proc.change(_Process.BACKOFF, "fork failed: %s" % exc)
             return
         if pid == 0:
             self._child(proc, write_fd)  # never returns
@@ -2335,7 +2358,7 @@ class Supervisor:
         proc.started_at = time.time()
         proc.restart_requested = False
         proc.exit_status = None
-        proc.change(STARTING)
+        proc.change(_Process.STARTING)
         self._log.info("spawned %s with pid %d", proc.name, pid)
 
     def _child(self, proc, write_fd):
@@ -2359,7 +2382,7 @@ class Supervisor:
             program = proc.program
             _configure_logging(program.verbosity, proc.name)
             logging.raiseExceptions = False  # a worker outliving its supervisor must not die of a broken pipe
-            app = load_app(self.app_spec)
+            app = _load_app(self.app_spec)
             if self.dsn or self.settings_overrides:
                 app.use_dsn(self.dsn, **self.settings_overrides)
             worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
@@ -2398,7 +2421,7 @@ class Supervisor:
             if proc.pipe is not None:
                 self._drain(proc, final=True)
             how = proc.exited(status, now, self._stopping)
-            level = logging.INFO if proc.exit_status == 0 or proc.state == STOPPED else logging.WARNING
+            level = logging.INFO if proc.exit_status == 0 or proc.state == _Process.STOPPED else logging.WARNING
             self._log.log(level, "%s (pid %d) %s -> %s", proc.name, pid, how, proc.state)
             reaped.append(pid)
         if reaped:
@@ -2428,18 +2451,18 @@ class Supervisor:
     def _request_restart(self):
         self._log.info("received SIGHUP: restarting all workers gracefully")
         for proc in self.processes:
-            if proc.pid is not None and proc.state in (STARTING, RUNNING):
+            if proc.pid is not None and proc.state in (_Process.STARTING, _Process.RUNNING):
                 proc.restart_requested = True
                 self._signal(proc, signal.SIGTERM)
-            elif proc.state in (BACKOFF, FATAL, EXITED):
+            elif proc.state in (_Process.BACKOFF, _Process.FATAL, _Process.EXITED):
                 proc.backoff = 0
-                proc.change(EXITED, "restart requested")
+                proc.change(_Process.EXITED, "restart requested")
                 proc.restart_requested = True
 
     def _begin_stop(self, now):
         for proc in self.processes:
-            if proc.pid is not None and proc.state != STOPPING:
-                proc.change(STOPPING)
+            if proc.pid is not None and proc.state != _Process.STOPPING:
+                proc.change(_Process.STOPPING)
                 proc.kill_at = now + proc.program.stopwaitsecs
                 self._signal(proc, signal.SIGTERM)
 
@@ -2477,7 +2500,7 @@ class Supervisor:
         timeout = self.transport.settings.heartbeat_timeout
         for proc in self.processes:
             beat = beats.get(proc.pid)
-            if beat is not None and proc.state in (RUNNING, STARTING, STOPPING) and wall - beat > timeout:
+            if beat is not None and proc.state in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING) and wall - beat > timeout:
                 self._log.error("%s (pid %d) has not beaten for %.0fs: killing it", proc.name, proc.pid, wall - beat)
                 self._signal(proc, signal.SIGKILL)
 
@@ -2504,7 +2527,7 @@ def _flush_std_streams():
             stream.flush()
 
 
-def read_status(transport):
+def _read_status(transport):
     """Every supervised process and standalone worker on this database, as ``status --json`` prints them."""
     conn = transport.connection(create=False)
     now = time.time()
@@ -2545,12 +2568,12 @@ def read_status(transport):
     return {"processes": out}
 
 
-def check_health(transport, max_ready=None, max_failed=None, max_age=None):
+def _check_health(transport, max_ready=None, max_failed=None, max_age=None):
     """``(healthy, reasons, stats)``: the database answers, supervised workers run and beat, thresholds hold."""
     reasons = []
     try:
         stats = transport.stats()
-        status = read_status(transport)
+        status = _read_status(transport)
     except JobRunnerError as exc:
         return False, [str(exc)], None
     timeout = transport.settings.heartbeat_timeout
@@ -2559,7 +2582,7 @@ def check_health(transport, max_ready=None, max_failed=None, max_age=None):
             if proc["beat_age_s"] is not None and proc["beat_age_s"] > timeout:
                 reasons.append("worker %s (pid %s) has not beaten for %.0fs" % (proc["name"], proc["pid"], proc["beat_age_s"]))
             continue
-        if proc["state"] != RUNNING:
+        if proc["state"] != _Process.RUNNING:
             reasons.append("%s is %s%s" % (proc["name"], proc["state"], ": " + proc["description"] if proc["description"] else ""))
         elif proc["beat_age_s"] is None:
             reasons.append("%s (pid %s) is not registered as a worker" % (proc["name"], proc["pid"]))
@@ -2582,7 +2605,10 @@ def check_health(transport, max_ready=None, max_failed=None, max_age=None):
 def _format_time(ts):
     import datetime
 
-    return "-" if ts is None else datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    try:
+        return datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "-" if ts is None else str(ts)
 
 
 def _format_duration(seconds):
@@ -2618,7 +2644,7 @@ def _build_cli():
             if isinstance(value, int):
                 return value
             try:
-                return parse_size(value)
+                return _parse_size(value)
             except ValueError as exc:
                 self.fail(str(exc), param, ctx)
 
@@ -2635,20 +2661,20 @@ def _build_cli():
         return fn
 
     def get_app(app_spec, dsn, **settings):
-        spec = find_app_spec(app_spec)
+        spec = _find_app_spec(app_spec)
         if spec is None:
             raise ConfigurationError("no app: give --app module[:attr], set JOBRUNNER_APP, or add [tool.jobrunner] "
                                      "app = \"module:attr\" to ./pyproject.toml")
-        app = load_app(spec)
+        app = _load_app(spec)
         if dsn or any(v is not None for v in settings.values()):
             app.use_dsn(dsn, **settings)
         return app
 
     def get_transport(app_spec, dsn):
         """Commands that only read or manage the database work from a DSN alone."""
-        if dsn and not find_app_spec(app_spec):
+        if dsn and not _find_app_spec(app_spec):
             return None, SqliteTransport(Settings.from_dsn(dsn))
-        if not find_app_spec(app_spec):
+        if not _find_app_spec(app_spec):
             raise ConfigurationError("no database: give --dsn (or JOBRUNNER_DSN), or an app with --app, JOBRUNNER_APP or "
                                      "[tool.jobrunner] app in ./pyproject.toml")
         app = get_app(app_spec, dsn)
@@ -2798,7 +2824,7 @@ def _build_cli():
         if by_class:
             groups = {}
             for e in transport.failed():
-                key = (e.handler or "?", e.headers.get("error_class") or "?")
+                key = (e.handler or "?", str(e.headers.get("error_class") or "?"))
                 groups[key] = groups.get(key, 0) + 1
             data = [{"handler": h, "error_class": c, "count": n} for (h, c), n in sorted(groups.items(), key=lambda kv: -kv[1])]
             if as_json:
@@ -2869,8 +2895,8 @@ def _build_cli():
     @click.option("--log-dir", default="var/log", show_default=True, help="Where NAME_NN.log and supervisor.log go.")
     @click.option("--autorestart", type=click.Choice(_AUTORESTART), default="true", show_default=True,
                   help="Restart workers that exit: always, never, or after a non-zero exit.")
-    @click.option("--startsecs", type=SECONDS, default=1.0, show_default=True, help="Seconds up before RUNNING.")
-    @click.option("--startretries", type=COUNT, default=3, show_default=True, help="Quick exits before FATAL.")
+    @click.option("--startsecs", type=SECONDS, default=1.0, show_default=True, help="Seconds up before _Process.RUNNING.")
+    @click.option("--startretries", type=COUNT, default=3, show_default=True, help="Quick exits before _Process.FATAL.")
     @click.option("--stopwaitsecs", type=SECONDS, default=10.0, show_default=True, help="Grace before SIGKILL.")
     @click.option("--log-max-bytes", type=SIZE, default="10MB", show_default=True, help="Rotate a log at this size.")
     @click.option("--log-backups", type=COUNT, default=3, show_default=True, help="Rotated logs to keep.")
@@ -2884,7 +2910,7 @@ def _build_cli():
         SIGTERM/SIGINT stop the workers gracefully (SIGKILL after --stopwaitsecs);
         SIGHUP restarts them, which reloads the app's code.
         """
-        spec = find_app_spec(app_spec)
+        spec = _find_app_spec(app_spec)
         if config_path:
             if queues:
                 raise click.UsageError("give queues or --config, not both")
@@ -2911,13 +2937,13 @@ def _build_cli():
     def status(as_json, app_spec, dsn):
         """One line per worker process, like supervisorctl status."""
         _, transport = get_transport(app_spec, dsn)
-        data = read_status(transport)
+        data = _read_status(transport)
         if as_json:
             return echo_json(data)
         if not data["processes"]:
             return click.echo("no supervisor or worker is running on %s" % transport.path)
         for p in data["processes"]:
-            if p["pid"] and p["state"] in (RUNNING, STARTING, STOPPING):
+            if p["pid"] and p["state"] in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING):
                 detail = "pid %s, uptime %s, handled %d, rss %s" % (p["pid"], _format_duration(p["uptime_s"]), p["handled"],
                                                                   "-" if p["rss_bytes"] is None else _format_bytes(p["rss_bytes"]))
             else:
@@ -2933,7 +2959,7 @@ def _build_cli():
     def health(max_ready, max_failed, max_age, as_json, app_spec, dsn):
         """Exit 0 when the database answers, supervised workers run and beat, and the thresholds hold; else 1."""
         _, transport = get_transport(app_spec, dsn)
-        healthy, reasons, data = check_health(transport, max_ready, max_failed, max_age)
+        healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age)
         if as_json:
             echo_json({"healthy": healthy, "reasons": reasons, "stats": data})
         elif healthy:
@@ -2984,7 +3010,7 @@ def _read_config(path, consume_command):
         if params.get("app_spec") or params.get("dsn"):
             raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)
         fields = {"numprocs": int, "autorestart": str, "startsecs": float, "startretries": int, "stopwaitsecs": float,
-                  "log_max_bytes": parse_size, "stdout_logfile_maxbytes": parse_size, "log_backups": int,
+                  "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size, "log_backups": int,
                   "stdout_logfile_backups": int}
         values = {}
         for key, raw in options.items():
