@@ -58,6 +58,7 @@ import traceback
 import urllib.parse
 
 _log = logging.getLogger("jobrunner")
+_SQL_TRACE = 5  # -vvv: every SQL statement
 
 
 # --- Errors -----------------------------------------------------------------
@@ -272,12 +273,24 @@ def _check_queue_name(queue):
     return queue
 
 
+_MAX_NESTING = 100
+
+
 def _encode_json(value):
-    """Compact JSON; raises InvalidMessage for what JSON cannot carry (NaN, objects, ...)."""
+    """Compact JSON; raises InvalidMessage for what JSON cannot carry (NaN, objects, lone surrogates, deep nesting)."""
+    stack = [(value, 1)]
+    while stack:  # iterative: a worker decodes whatever is stored, whatever its own stack depth
+        item, depth = stack.pop()
+        if depth > _MAX_NESTING:
+            raise InvalidMessage("payload is nested deeper than %d levels" % _MAX_NESTING)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")  # SQLite stores UTF-8: a lone surrogate would fail later, in sqlite3
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidMessage("payload is not JSON-serializable: %s" % exc) from None
+    return text
 
 
 @dataclasses.dataclass
@@ -316,10 +329,18 @@ class _Delivery:
     worker_id: int
 
 
+def _text_or_bytes(data):
+    """A TEXT value as str; one that is not UTF-8 (written by another tool) as bytes, so reading it cannot fail."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
 def _decode_headers(text):
     try:
         headers = json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
     return headers if isinstance(headers, dict) else None
 
@@ -354,7 +375,7 @@ def _envelope_from_row(row):
         headers = {"original_headers": _json_safe(headers_text)}
     try:
         payload = json.loads(body)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         payload = body
     handler = headers.get("handler")
     return Envelope(id_, queue, handler if isinstance(handler, str) else None, payload, headers, attempts, created, available, delivered)
@@ -554,6 +575,9 @@ class SqliteTransport(Transport):
             raise _storage_error(exc, path) from None
         try:
             # validated values, not user text: PRAGMA takes no parameters
+            conn.text_factory = _text_or_bytes
+            if _log.isEnabledFor(_SQL_TRACE):
+                conn.set_trace_callback(functools.partial(_log.log, _SQL_TRACE, "sql: %s"))
             conn.execute("PRAGMA synchronous = %s" % self.settings.synchronous)
             conn.execute("PRAGMA journal_size_limit = %d" % int(self.settings.journal_size_limit))
             version = conn.execute("PRAGMA user_version").fetchall()[0][0]
@@ -802,7 +826,8 @@ class SqliteTransport(Transport):
         now = time.time()
         moved = 0
         for envelope in self._failed_in(conn, ids):
-            headers = {k: v for k, v in envelope.headers.items() if k not in _FAILURE_HEADERS}
+            headers = {k: v for k, v in envelope.headers.items()
+                       if k not in _FAILURE_HEADERS and k not in ("attempts", "free_retries", "last_error")}
             headers["redelivered_from_failed"] = _int_header(headers, "redelivered_from_failed") + 1
             queue = envelope.headers.get("original_queue")
             if not isinstance(queue, str) or not _QUEUE_NAME.match(queue) or queue == FAILED_QUEUE:
@@ -842,11 +867,25 @@ class SqliteTransport(Transport):
         return [_envelope_from_row(row) for row in rows]
 
 
+def _makedirs_private(directory):
+    """Like os.makedirs(directory, 0o700), but every directory it creates is 0700, not only the last."""
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    if parent and parent != directory:
+        _makedirs_private(parent)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+
+
 def _create_private_file(path):
     """Create the database file 0600 (SQLite gives its -wal and -shm files the same mode)."""
     directory = os.path.dirname(path) or "."
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _makedirs_private(directory)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
     except FileExistsError:
@@ -933,6 +972,9 @@ class Handler:
         """Raise InvalidMessage unless ``handler(**payload)`` would bind."""
         if type(payload) is not dict:
             raise InvalidMessage("the payload of %s must be a JSON object (a dict), not %s" % (self.name, type(payload).__name__))
+        if any(type(k) is not str for k in payload):
+            raise InvalidMessage("payload does not fit handler %s: argument names must be strings, not %s"
+                                 % (self.name, ", ".join(sorted(repr(k) for k in payload if type(k) is not str))))
         keys = payload.keys()
         if not self._accepts_any and not keys <= self._allowed:
             unknown = sorted(str(k) for k in keys - self._allowed)
@@ -1261,8 +1303,9 @@ def _load_app(spec):
 
 _VERBOSE = 15  # one line per message: shown with -v
 logging.addLevelName(_VERBOSE, "VERBOSE")
+logging.addLevelName(_SQL_TRACE, "SQL")
 
-_LEVELS = {0: logging.INFO, 1: _VERBOSE, 2: logging.DEBUG}
+_LEVELS = {0: logging.INFO, 1: _VERBOSE, 2: logging.DEBUG, 3: _SQL_TRACE}
 
 
 def _log_formatter(name):
@@ -1278,7 +1321,7 @@ def _configure_logging(verbosity, name="worker", stream=None):
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(_LEVELS.get(verbosity, 1))
+    root.setLevel(_LEVELS.get(verbosity, _SQL_TRACE))
     root.propagate = False
 
 
@@ -1333,7 +1376,7 @@ def _release_dead_workers(transport, host, now=None):
 
 def _error_class(exc):
     cls = type(exc)
-    module = cls.__module__
+    module = "jobrunner" if cls.__module__ == __name__ else cls.__module__  # also when run as a script (__main__)
     return cls.__qualname__ if module in ("builtins", "__main__") else "%s.%s" % (module, cls.__qualname__)
 
 
@@ -1572,6 +1615,8 @@ class Worker:
             except StorageError as exc:
                 backoff = min(30.0, max(0.5, backoff * 2))
                 _log.error("%s; retrying in %gs", exc, backoff)
+                if self.time_limit is not None:
+                    backoff = min(backoff, max(0.0, self.time_limit - (time.monotonic() - started)))
                 self._waiter.sleep(backoff)
                 continue
             backoff = 0.0
@@ -1633,7 +1678,7 @@ class Worker:
             return self._poison(delivery, headers, "no handler named %r is registered" % (name,))
         try:
             payload = json.loads(delivery.body)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return self._poison(delivery, headers, "body is not valid JSON (%s)" % exc)
         try:
             handler.check(payload)
@@ -1642,7 +1687,8 @@ class Worker:
         counted = delivery.attempts - _int_header(headers, "free_retries")
         if counted > handler.retry.max_retries + 1:
             return self._poison(delivery, headers, "its last attempt never finished: the worker died, was killed or "
-                                "timed out during it (%d attempts)" % (counted - 1), error_class="WorkerDied")
+                                "timed out during it (%d attempts)" % (counted - 1), error_class="WorkerDied",
+                                attempts=delivery.attempts - 1)
         self._current = (delivery, handler, headers)
         started = time.perf_counter()
         try:
@@ -1696,10 +1742,13 @@ class Worker:
         except Exception as exc:
             failure = exc
         finally:
-            conn.set_authorizer(None if sys.version_info >= (3, 11) else _allow_all)
             self.app._tx.conn = None
+            with contextlib.suppress(sqlite3.ProgrammingError):  # the handler closed it
+                conn.set_authorizer(None if sys.version_info >= (3, 11) else _allow_all)
         if failure is None:
             try:
+                if not conn.in_transaction:  # ended by the handler (ON CONFLICT ROLLBACK...); raises if closed
+                    raise sqlite3.OperationalError("the handler ended the transaction that acknowledges its message")
                 acked = conn.execute(_SQL_SETTLE["ack"], _Outcome("ack", delivery).params()).rowcount == 1
                 if acked:
                     conn.execute("COMMIT")
@@ -1737,10 +1786,10 @@ class Worker:
         _log.debug("traceback of message %d:\n%s", delivery.id, "".join(traceback.format_exception(exc)).rstrip())
         return outcome
 
-    def _poison(self, delivery, headers, reason, error_class="InvalidMessage"):
+    def _poison(self, delivery, headers, reason, error_class="InvalidMessage", attempts=None):
         self.failed += 1
         _log.error("message %d moved to the failure queue: %s", delivery.id, reason)
-        return _fail_outcome(delivery, headers, error_class, reason, None, reason=reason)
+        return _fail_outcome(delivery, headers, error_class, reason, None, reason=reason, attempts=attempts)
 
 
 def _failure_outcome(delivery, handler, headers, exc):
@@ -1762,7 +1811,7 @@ def _failure_outcome(delivery, handler, headers, exc):
     return _fail_outcome(delivery, headers, _error_class(exc), str(exc), tb)
 
 
-def _fail_outcome(delivery, headers, error_class, message, tb, reason=None):
+def _fail_outcome(delivery, headers, error_class, message, tb, reason=None, attempts=None):
     now = time.time()
     failed = dict(headers)
     failed.update(
@@ -1770,7 +1819,7 @@ def _fail_outcome(delivery, headers, error_class, message, tb, reason=None):
         error_class=error_class,
         error_message=message,
         traceback=tb,
-        attempts=delivery.attempts,
+        attempts=delivery.attempts if attempts is None else attempts,
         failed_at=now,
     )
     if reason:
@@ -2514,7 +2563,7 @@ def _max_fd():
 
 def _make_private_dir(path):
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        _makedirs_private(path)
     except OSError as exc:
         raise ConfigurationError("cannot create log directory %s: %s" % (path, exc.strerror or exc)) from None
     if not os.access(path, os.W_OK):
@@ -2705,7 +2754,7 @@ def _build_cli():
         """Enqueue a message for handler NAME with a JSON object PAYLOAD; print its id."""
         try:
             data = json.loads(payload)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidMessage("PAYLOAD is not valid JSON: %s" % exc) from None
         if not isinstance(data, dict):
             raise InvalidMessage("PAYLOAD must be a JSON object like '{\"to\": \"a@b.c\"}', not %s" % type(data).__name__)

@@ -1,0 +1,364 @@
+"""The command line: setup, dispatch, handlers, stats, app and DSN discovery, and bad input."""
+
+import json
+import os
+import sqlite3
+import stat
+import time
+
+import pytest
+
+from conftest import wait_until
+
+NO_APP = {"JOBRUNNER_APP": ""}
+NO_DSN = {"JOBRUNNER_DSN": ""}
+
+
+def query(db, sql, *params):
+    conn = sqlite3.connect(str(db))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def snapshot(db):
+    """Every stored message, every column: what bad input must leave alone."""
+    return query(db, "SELECT * FROM messenger_messages ORDER BY id")
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jobrunner: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def write_module(project, name, text):
+    (project.path / (name + ".py")).write_text(text)
+
+
+HELLO_APP = """
+from jobrunner import JobRunner
+jobs = JobRunner("sqlite:///app.db")
+
+@jobs.handler(queue="greetings")
+def hello(who):
+    pass
+"""
+
+TWO_APPS = """
+from jobrunner import JobRunner
+a = JobRunner("sqlite:///a.db")
+b = JobRunner("sqlite:///b.db")
+
+@a.handler
+def from_a(x):
+    pass
+
+@b.handler
+def from_b(y):
+    pass
+"""
+
+
+def handler_names(result):
+    assert result.returncode == 0, result.stderr
+    return sorted(h["name"] for h in json.loads(result.stdout)["handlers"])
+
+
+# --- setup and dispatch ---------------------------------------------------------------
+
+
+def test_setup_creates_the_database_and_is_idempotent(project):
+    result = project.cli("setup")
+    assert result.returncode == 0, result.stderr
+    assert str(project.db) in result.stdout
+    tables = {name for (name,) in query(project.db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "messenger_messages" in tables
+    assert query(project.db, "PRAGMA journal_mode") == [("wal",)]
+    assert stat.S_IMODE(os.stat(project.db).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(project.db.parent).st_mode) == 0o700
+    project.cli("dispatch", "note", '{"n": 1}')
+    before = snapshot(project.db)
+    assert project.cli("setup").returncode == 0
+    assert snapshot(project.db) == before and len(before) == 1
+
+
+def test_setup_works_from_a_dsn_alone(project):
+    other = project.path / "data" / "other.db"
+    result = project.cli("setup", "--dsn", other, env=NO_APP)
+    assert result.returncode == 0, result.stderr
+    assert query(other, "SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+
+
+def test_dispatch_prints_the_id_of_the_stored_message(project):
+    first = project.cli("dispatch", "note", '{"n": 1}')
+    second = project.cli("dispatch", "note", '{"n": 2}')
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    ids = [int(first.stdout.strip()), int(second.stdout.strip())]
+    stored = query(project.db, "SELECT id, body, headers, queue_name, delivered_at FROM messenger_messages ORDER BY id")
+    assert [(i, json.loads(b), json.loads(h)["handler"], q, d) for i, b, h, q, d in stored] == [
+        (ids[0], {"n": 1}, "note", "async", None), (ids[1], {"n": 2}, "note", "async", None)]
+
+
+def test_dispatch_queue_and_delay_options(project):
+    result = project.cli("dispatch", "note", '{"n": 1}', "--queue", "high", "--delay", "30")
+    assert result.returncode == 0, result.stderr
+    ((queue, created, available),) = query(project.db, "SELECT queue_name, created_at, available_at FROM messenger_messages "
+                                                       "WHERE id = ?", int(result.stdout))
+    assert queue == "high"
+    assert 29.9 < available - created < 30.1
+
+
+def test_consume_creates_the_database_on_first_use(project):
+    assert not project.db.exists()
+    result = project.cli("consume", "async", "--time-limit", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert query(project.db, "SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+
+
+# --- handlers and stats -----------------------------------------------------------------
+
+
+def test_handlers_lists_every_registered_handler(project, app):
+    result = project.cli("handlers", "--json")
+    described = {h["name"]: h for h in json.loads(result.stdout)["handlers"]}
+    assert sorted(described) == sorted(app.handlers)
+    for name, handler in app.handlers.items():
+        assert described[name]["queue"] == handler.queue
+        assert described[name]["max_retries"] == handler.retry.max_retries
+    text = project.cli("handlers")
+    assert text.returncode == 0, text.stderr
+    first_words = [line.split()[0] for line in text.stdout.splitlines()[1:] if line.strip()]
+    assert sorted(first_words) == sorted(app.handlers)
+
+
+def test_stats_counts_ready_delayed_in_flight_and_failed_messages(project, app):
+    app.dispatch("unrecoverable", {"n": 0})
+    assert project.cli("consume", "async", "--limit", "1", "--time-limit", "20").returncode == 0
+    sent_before = time.time()
+    app.dispatch_many("note", [{"n": i} for i in range(3)])
+    sent_after = time.time()
+    app.dispatch_many("note", [{"n": i} for i in range(3, 5)], delay=60)
+    app.dispatch("note_high", {"n": 0})
+    app.dispatch("slow", {"n": 1, "seconds": 10})
+    project.start("consume", "slow")  # holds the slow message; killed at teardown
+    wait_until(lambda: project.values("start") == ["1"], message="the slow message to be claimed")
+
+    asked_before = time.time()
+    result = project.cli("stats", "--json")
+    asked_after = time.time()
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    ages = {q["queue"]: q.pop("oldest_ready_age_s") for q in data["queues"]}
+    assert data == {
+        "queues": [
+            {"queue": "async", "ready": 3, "delayed": 2, "in_flight": 0},
+            {"queue": "empty", "ready": 0, "delayed": 0, "in_flight": 0},
+            {"queue": "high", "ready": 1, "delayed": 0, "in_flight": 0},
+            {"queue": "low", "ready": 0, "delayed": 0, "in_flight": 0},
+            {"queue": "slow", "ready": 0, "delayed": 0, "in_flight": 1},
+        ],
+        "failed": 1,
+    }
+    assert asked_before - sent_after - 0.001 <= ages["async"] <= asked_after - sent_before + 0.001
+    assert 0 <= ages["high"] <= ages["async"]
+    assert ages["empty"] is None and ages["low"] is None and ages["slow"] is None
+
+    text = project.cli("stats")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[-1] == "failed: 1"
+    assert [line.split()[:4] for line in lines if line.startswith("async")] == [["async", "3", "2", "0"]]
+    assert [line.split()[:4] for line in lines if line.startswith("slow")] == [["slow", "0", "0", "1"]]
+
+    # with a DSN and no app: the queues that hold messages
+    bare = project.cli("stats", "--json", "--dsn", project.db, env=NO_APP)
+    assert bare.returncode == 0, bare.stderr
+    data = json.loads(bare.stdout)
+    assert [(q["queue"], q["ready"], q["delayed"], q["in_flight"]) for q in data["queues"]] == [
+        ("async", 3, 2, 0), ("high", 1, 0, 0), ("slow", 0, 0, 1)]
+    assert data["failed"] == 1
+
+
+def test_stats_of_an_empty_database(project):
+    project.cli("setup")
+    result = project.cli("stats", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["failed"] == 0
+    assert all((q["ready"], q["delayed"], q["in_flight"], q["oldest_ready_age_s"]) == (0, 0, 0, None) for q in data["queues"])
+    assert {q["queue"] for q in data["queues"]} >= {"async", "high", "low", "slow"}
+
+
+# --- finding the app and the database ---------------------------------------------------------
+
+
+def test_app_option_wins_over_the_environment(project):
+    write_module(project, "core_helloapp", HELLO_APP)
+    assert handler_names(project.cli("handlers", "--json", "--app", "core_helloapp")) == ["hello"]
+    assert "note" in handler_names(project.cli("handlers", "--json"))  # JOBRUNNER_APP=jobapp
+
+
+def test_app_attribute_picks_one_of_several_runners(project):
+    write_module(project, "core_twoapps", TWO_APPS)
+    assert handler_names(project.cli("handlers", "--json", "--app", "core_twoapps:b")) == ["from_b"]
+    assert handler_names(project.cli("handlers", "--json", "--app", "core_twoapps:a")) == ["from_a"]
+    assert_one_line_error(project.cli("handlers", "--app", "core_twoapps"), "core_twoapps:")
+    assert_one_line_error(project.cli("handlers", "--app", "core_twoapps:c"))
+    assert_one_line_error(project.cli("handlers", "--app", "no_such_module_here"), "no_such_module_here")
+
+
+def test_pyproject_names_the_app_when_nothing_else_does(project):
+    write_module(project, "core_helloapp", HELLO_APP)
+    (project.path / "pyproject.toml").write_text('[tool.jobrunner]\napp = "core_helloapp:jobs"\n')
+    assert handler_names(project.cli("handlers", "--json", env=NO_APP)) == ["hello"]
+    assert "note" in handler_names(project.cli("handlers", "--json"))  # the environment wins over the file
+    (project.path / "pyproject.toml").write_text('[tool.jobrunner]\napp = "missing_app_module"\n')
+    assert_one_line_error(project.cli("handlers", env=NO_APP), "missing_app_module")
+    (project.path / "pyproject.toml").write_text('[tool.jobrunner\napp = \n')
+    assert_one_line_error(project.cli("handlers", env=NO_APP), "pyproject.toml")
+
+
+def test_dsn_comes_from_the_option_then_the_environment_then_the_app(project):
+    write_module(project, "core_helloapp", HELLO_APP)
+    env = dict(NO_DSN, JOBRUNNER_APP="core_helloapp")
+    assert project.cli("dispatch", "hello", '{"who": "app"}', env=env).returncode == 0
+    env_db, option_db = project.path / "env.db", project.path / "option.db"
+    assert project.cli("dispatch", "hello", '{"who": "env"}', env=dict(env, JOBRUNNER_DSN=str(env_db))).returncode == 0
+    result = project.cli("dispatch", "hello", '{"who": "option"}', "--dsn", "sqlite:///option.db",
+                         env=dict(env, JOBRUNNER_DSN=str(env_db)))
+    assert result.returncode == 0, result.stderr
+    for db, who in ((project.path / "app.db", "app"), (env_db, "env"), (option_db, "option")):
+        assert query(db, "SELECT body, queue_name FROM messenger_messages") == [('{"who":"%s"}' % who, "greetings")]
+
+
+@pytest.mark.parametrize("args", [("dispatch", "note", '{"n": 1}'), ("consume", "async", "--limit", "1"), ("handlers",)])
+def test_a_command_that_needs_an_app_says_how_to_give_one(project, args):
+    project.cli("setup")
+    before = snapshot(project.db)
+    assert_one_line_error(project.cli(*args, env=NO_APP), "--app", "JOBRUNNER_APP", "pyproject.toml")
+    assert snapshot(project.db) == before
+
+
+@pytest.mark.parametrize("args", [("stats",), ("setup",), ("stop-workers",)])
+def test_a_command_with_neither_app_nor_dsn_says_how_to_give_one(project, args):
+    assert_one_line_error(project.cli(*args, env=dict(NO_APP, **NO_DSN)), "--dsn", "--app")
+    assert not project.db.exists()
+
+
+# --- bad input: one line, exit 2, nothing stored changed -----------------------------------------
+
+
+@pytest.fixture
+def stocked(project, app):
+    """A database holding ready, delayed, claimed and failed messages."""
+    app.dispatch("unrecoverable", {"n": 0})
+    app.worker(["async"], limit=1, install_signals=False).run()  # in this process: quicker than the command
+    app.dispatch_many("note", [{"n": i} for i in range(3)])
+    app.dispatch("note", {"n": 9}, delay=60)
+    app.dispatch("note_high", {"n": 1})
+    delivery, _, _, _ = app.transport.claim(["high"], 4242)
+    assert delivery is not None
+    app.transport.close()
+    before = snapshot(project.db)
+    assert [row[3] for row in before] == ["failed", "async", "async", "async", "async", "high"]
+    return before
+
+
+BAD_COMMANDS = [
+    pytest.param(("dispatch", "note", '{"n": 1'), id="malformed-json"),
+    pytest.param(("dispatch", "note", "n=1"), id="not-json"),
+    pytest.param(("dispatch", "note", "[1, 2]"), id="json-list"),
+    pytest.param(("dispatch", "note", '"text"'), id="json-string"),
+    pytest.param(("dispatch", "note", "3"), id="json-number"),
+    pytest.param(("dispatch", "note", "null"), id="json-null"),
+    pytest.param(("dispatch", "nope", '{"n": 1}'), id="unknown-handler"),
+    pytest.param(("dispatch", "note", "{}"), id="missing-argument"),
+    pytest.param(("dispatch", "note", '{"n": 1, "extra": 2}'), id="unexpected-argument"),
+    pytest.param(("dispatch", "note", '{"n": NaN}'), id="nan-not-serializable"),
+    pytest.param(("dispatch", "note", '{"n": -Infinity}'), id="infinity-not-serializable"),
+    pytest.param(("dispatch", "note", '{"n": "\\ud800"}'), id="lone-surrogate"),
+    pytest.param(("dispatch", "note", '{"n": %s}' % ("[" * 5000 + "]" * 5000)), id="nested-too-deep"),
+    pytest.param(("dispatch", "note", '{"n": 1}', "--delay", "-1"), id="negative-delay"),
+    pytest.param(("dispatch", "note", '{"n": 1}', "--delay", "soon"), id="non-numeric-delay"),
+    pytest.param(("dispatch", "note", '{"n": 1}', "--queue", "nope"), id="unknown-dispatch-queue"),
+    pytest.param(("dispatch", "note", '{"n": 1}', "--queue", "failed"), id="dispatch-to-failed"),
+    pytest.param(("dispatch", "note", '{"n": 1}', "--queue", "a queue"), id="invalid-queue-name"),
+    pytest.param(("consume", "async", "--limit", "-1"), id="negative-limit"),
+    pytest.param(("consume", "async", "--limit", "ten"), id="non-numeric-limit"),
+    pytest.param(("consume", "async", "--limit", "1.5"), id="fractional-limit"),
+    pytest.param(("consume", "async", "--failure-limit", "-1"), id="negative-failure-limit"),
+    pytest.param(("consume", "async", "--failure-limit", "x"), id="non-numeric-failure-limit"),
+    pytest.param(("consume", "async", "--time-limit", "-1"), id="negative-time-limit"),
+    pytest.param(("consume", "async", "--time-limit", "soon"), id="non-numeric-time-limit"),
+    pytest.param(("consume", "async", "--time-limit", "nan"), id="nan-time-limit"),
+    pytest.param(("consume", "async", "--memory-limit", "-1"), id="negative-memory-limit"),
+    pytest.param(("consume", "async", "--memory-limit", "-128M"), id="negative-memory-limit-unit"),
+    pytest.param(("consume", "async", "--memory-limit", "lots"), id="non-numeric-memory-limit"),
+    pytest.param(("consume", "async", "--memory-limit", "12Q"), id="unknown-memory-unit"),
+    pytest.param(("consume", "async", "--sleep", "-1"), id="negative-sleep"),
+    pytest.param(("consume", "nope"), id="unknown-queue"),
+    pytest.param(("consume", "high", "nope"), id="one-unknown-queue"),
+]
+
+
+@pytest.mark.parametrize("args", BAD_COMMANDS)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(project, stocked, args):
+    if args[0] == "consume" and "--time-limit" not in args:
+        args += ("--time-limit", "3")  # were the bad input accepted, the worker still ends
+    assert_one_line_error(project.cli(*args, timeout=20))
+    assert snapshot(project.db) == stocked
+    assert query(project.db, "SELECT COUNT(*) FROM jobrunner_workers") == [(0,)]
+
+
+BAD_DB_COMMANDS = [
+    pytest.param(("setup",), id="setup"),
+    pytest.param(("dispatch", "note", '{"n": 1}'), id="dispatch"),
+    pytest.param(("consume", "async", "--limit", "1", "--time-limit", "3"), id="consume"),
+    pytest.param(("stats",), id="stats"),
+    pytest.param(("stop-workers",), id="stop-workers"),
+]
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "in-a-file-as-dir", "in-proc", "unwritable-dir"])
+@pytest.mark.parametrize("args", BAD_DB_COMMANDS)
+def test_a_database_path_that_cannot_be_created_is_one_line_exit_2(project, stocked, args, where):
+    afile = project.path / "afile"
+    afile.write_text("a regular file\n")
+    db = {"under-a-file": afile / "sub" / "jobs.db", "in-a-file-as-dir": afile / "jobs.db",
+          "in-proc": "/proc/jobrunner-test/jobs.db", "unwritable-dir": "/sys/jobrunner-test.db"}[where]
+    if where == "unwritable-dir" and not os.path.isdir("/sys"):
+        pytest.skip("no /sys here")
+    line = assert_one_line_error(project.cli(*args, "--dsn", db, timeout=20))
+    assert str(db) in line
+    assert afile.read_text() == "a regular file\n"
+    assert not os.path.exists("/proc/jobrunner-test") and not os.path.exists("/sys/jobrunner-test.db")
+    assert snapshot(project.db) == stocked
+
+
+@pytest.mark.parametrize("content", [pytest.param(os.urandom(8192), id="random-bytes"),
+                                     pytest.param(b"name,email\nann,a@b.c\n" * 100, id="text")])
+@pytest.mark.parametrize("args", BAD_DB_COMMANDS)
+def test_a_file_that_is_not_sqlite_is_one_line_exit_2_and_left_alone(project, stocked, args, content):
+    bad = project.path / "notadb.db"
+    bad.write_bytes(content)
+    line = assert_one_line_error(project.cli(*args, "--dsn", bad, timeout=20))
+    assert str(bad) in line
+    assert bad.read_bytes() == content
+    assert sorted(os.listdir(project.path)) == sorted(["var", "handled", "notadb.db"])
+    assert snapshot(project.db) == stocked
+
+
+@pytest.mark.parametrize("dsn", ["sqlite://two-slashes.db", "postgres://host/db", ":memory:", "sqlite:///x.db?nope=1",
+                                 "sqlite:///x.db?busy_timeout=soon", "sqlite:///x.db?busy_timeout=-1",
+                                 "sqlite:///x.db?synchronous=SOMETIMES"])
+def test_a_bad_dsn_is_one_line_exit_2(project, stocked, dsn):
+    assert_one_line_error(project.cli("dispatch", "note", '{"n": 1}', "--dsn", dsn))
+    assert sorted(os.listdir(project.path)) == sorted(["var", "handled"])
+    assert snapshot(project.db) == stocked

@@ -1,0 +1,484 @@
+"""Storage and the Python API: the messenger_messages table in a SQLite file, dispatch, claims, the WAL."""
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import jobrunner
+from conftest import REPO, wait_until
+from jobrunner import DatabaseLocked, InvalidMessage, JobRunner
+
+
+def rows(db):
+    """Every stored message, every column, in id order."""
+    conn = sqlite3.connect(str(db))
+    try:
+        return conn.execute("SELECT * FROM messenger_messages ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def query(db, sql, *params):
+    conn = sqlite3.connect(str(db))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def run_python(code, *args, timeout=30, env=None):
+    """Run a Python snippet in a fresh interpreter, with the repository importable."""
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), cwd=str(REPO))
+
+
+@pytest.fixture
+def jobs(tmp_path):
+    """A fresh app on its own database (not created yet), with a few handlers."""
+    app = JobRunner(str(tmp_path / "var" / "jobs.db"))
+
+    @app.handler
+    def note(n):
+        pass
+
+    @app.handler("greet", queue="mail")
+    def greet(to, subject="hi", *, sign=None):
+        pass
+
+    @app.handler(queue="mail")
+    def anything(**kwargs):
+        pass
+
+    yield app
+    app.transport.close()
+
+
+# --- the table --------------------------------------------------------------------
+
+
+def test_dispatch_creates_the_symfony_table_in_wal_mode(jobs):
+    db = jobs.settings.path
+    assert not os.path.exists(db)
+    jobs.dispatch("note", {"n": 1})
+    columns = [r[1] for r in query(db, "PRAGMA table_info(messenger_messages)")]
+    assert columns[:7] == ["id", "body", "headers", "queue_name", "created_at", "available_at", "delivered_at"]
+    # the mode is persistent: a new connection that sets nothing sees it
+    assert query(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_connections_use_the_busy_timeout_and_journal_size_limit_of_the_dsn(tmp_path):
+    default = JobRunner(str(tmp_path / "a.db"))
+    assert default.transport.connection().execute("PRAGMA busy_timeout").fetchall() == [(10000,)]
+    tuned = JobRunner("sqlite:///%s?busy_timeout=2.5&journal_size_limit=1M" % (tmp_path / "b.db"))
+    conn = tuned.transport.connection()
+    assert conn.execute("PRAGMA busy_timeout").fetchall() == [(2500,)]
+    assert conn.execute("PRAGMA journal_size_limit").fetchall() == [(1024 * 1024,)]
+    default.transport.close()
+    tuned.transport.close()
+
+
+def test_claim_query_uses_the_partial_ready_index(jobs):
+    jobs.dispatch_many("note", [{"n": i} for i in range(50)])
+    jobs.dispatch_many("greet", [{"to": str(i)} for i in range(50)], delay=60)
+    db = jobs.settings.path
+    index_sql = query(db, "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messenger_messages'")
+    ready = [sql for (sql,) in index_sql if sql and "delivered_at IS NULL" in sql]
+    assert len(ready) == 1 and "queue_name, available_at" in ready[0], index_sql
+    index_name = ready[0].split()[2]
+    conn = sqlite3.connect(db)
+    conn.execute("ANALYZE")
+    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + jobrunner._SQL_CLAIM, (1.0, 1, "async", 2.0)).fetchall()]
+    conn.close()
+    assert any(("USING INDEX %s" % index_name) in line or ("USING COVERING INDEX %s" % index_name) in line
+               for line in plan), plan
+    assert not any("SCAN" in line or "TEMP B-TREE" in line for line in plan), plan
+
+
+def test_message_row_has_a_json_body_and_the_handler_name_in_its_headers(jobs):
+    before = time.time()
+    msg_id = jobs.dispatch("greet", {"to": "a@b.c", "subject": "été ☃"})
+    after = time.time()
+    (row,) = query(jobs.settings.path, "SELECT id, body, headers, queue_name, created_at, available_at, delivered_at "
+                                       "FROM messenger_messages")
+    id_, body, headers, queue, created, available, delivered = row
+    assert id_ == msg_id
+    assert json.loads(body) == {"to": "a@b.c", "subject": "été ☃"}
+    assert json.loads(headers)["handler"] == "greet"
+    assert queue == "mail"
+    assert before <= created <= after and before <= available <= after
+    assert delivered is None
+
+
+def test_delay_sets_available_at_in_the_future(jobs):
+    before = time.time()
+    jobs.dispatch("note", {"n": 1}, delay=30)
+    after = time.time()
+    ((available,),) = query(jobs.settings.path, "SELECT available_at FROM messenger_messages")
+    assert before + 30 <= available <= after + 30
+
+
+def test_setup_is_idempotent_and_keeps_messages(jobs):
+    assert jobs.setup() == jobs.settings.path
+    jobs.dispatch("note", {"n": 1})
+    snapshot = rows(jobs.settings.path)
+    jobs.transport.close()
+    again = JobRunner(jobs.settings.path)
+    again.setup()
+    again.transport.close()
+    assert rows(jobs.settings.path) == snapshot
+
+
+def _permissions_script():
+    return r"""
+import json, os, sys
+os.umask(0)
+import jobrunner
+jobs = jobrunner.JobRunner(sys.argv[1])
+@jobs.handler
+def note(n):
+    pass
+jobs.dispatch("note", {"n": 1})
+db = jobs.settings.path
+modes = {name: oct(os.stat(db + suffix).st_mode & 0o777) for name, suffix in (("db", ""), ("wal", "-wal"), ("shm", "-shm"))}
+path, created = os.path.dirname(db), {}
+while path != sys.argv[2]:
+    created[path] = oct(os.stat(path).st_mode & 0o777)
+    path = os.path.dirname(path)
+print(json.dumps({"files": modes, "dirs": created}))
+"""
+
+
+def test_database_files_and_directory_are_private(tmp_path):
+    # umask 0: whatever is not asked for explicitly would be world-readable
+    result = run_python(_permissions_script(), tmp_path / "var" / "jobs.db", tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["files"] == {"db": "0o600", "wal": "0o600", "shm": "0o600"}
+    assert out["dirs"] == {str(tmp_path / "var"): "0o700"}
+
+
+def test_every_directory_created_for_the_database_is_private(tmp_path):
+    result = run_python(_permissions_script(), tmp_path / "a" / "b" / "jobs.db", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dirs"] == {str(tmp_path / "a" / "b"): "0o700", str(tmp_path / "a"): "0o700"}
+
+
+def test_an_existing_directory_keeps_its_mode(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    result = run_python(_permissions_script(), shared / "jobs.db", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dirs"] == {str(shared): "0o755"}
+
+
+# --- the Python API -----------------------------------------------------------------
+
+
+def test_dispatch_returns_increasing_ids_of_stored_messages(jobs):
+    ids = [jobs.dispatch("note", {"n": i}) for i in range(3)]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    stored = query(jobs.settings.path, "SELECT id, body FROM messenger_messages ORDER BY id")
+    assert stored == [(ids[i], '{"n":%d}' % i) for i in range(3)]
+
+
+def test_handler_dispatch_passes_keywords_as_payload(jobs):
+    greet = jobs.handlers["greet"]
+    msg_id = greet.dispatch(to="x@y.z", sign="me")
+    ((body, headers, queue),) = query(jobs.settings.path, "SELECT body, headers, queue_name FROM messenger_messages WHERE id = ?",
+                                      msg_id)
+    assert json.loads(body) == {"to": "x@y.z", "sign": "me"}
+    assert json.loads(headers)["handler"] == "greet"
+    assert queue == "mail"
+
+
+def test_a_decorated_function_is_still_callable(jobs):
+    calls = []
+
+    @jobs.handler(queue="mail")
+    def remember(x):
+        calls.append(x)
+        return x * 2
+
+    assert remember(x=21) == 42 and calls == [21]
+    assert jobs.handlers["remember"].queue == "mail"
+
+
+def test_dispatch_queue_overrides_the_handlers_route(jobs):
+    msg_id = jobs.dispatch("note", {"n": 1}, queue="mail")
+    assert query(jobs.settings.path, "SELECT queue_name FROM messenger_messages WHERE id = ?", msg_id) == [("mail",)]
+
+
+@pytest.mark.parametrize("form", ["name-and-payloads", "pairs"])
+def test_dispatch_many_writes_every_message_in_one_transaction(jobs, form):
+    jobs.setup()
+    statements = []
+    jobs.transport.connection().set_trace_callback(statements.append)
+    if form == "pairs":
+        ids = jobs.dispatch_many([("note", {"n": i}) for i in range(100)])
+    else:
+        ids = jobs.dispatch_many("note", [{"n": i} for i in range(100)])
+    jobs.transport.connection().set_trace_callback(None)
+    assert len(ids) == 100
+    assert [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")] == \
+        ["BEGIN IMMEDIATE", "COMMIT"]
+    stored = query(jobs.settings.path, "SELECT id, body, queue_name FROM messenger_messages ORDER BY id")
+    assert stored == [(ids[i], '{"n":%d}' % i, "async") for i in range(100)]
+
+
+def test_dispatch_many_with_pairs_routes_each_message_to_its_handlers_queue(jobs):
+    ids = jobs.dispatch_many([("note", {"n": 1}), ("greet", {"to": "a"}), ("anything", {})])
+    stored = query(jobs.settings.path, "SELECT id, body, headers, queue_name FROM messenger_messages ORDER BY id")
+    assert [(i, b, json.loads(h)["handler"], q) for i, b, h, q in stored] == [
+        (ids[0], '{"n":1}', "note", "async"), (ids[1], '{"to":"a"}', "greet", "mail"), (ids[2], "{}", "anything", "mail")]
+
+
+def test_dispatch_many_stores_nothing_when_one_payload_is_invalid(jobs):
+    jobs.dispatch("note", {"n": 0})
+    snapshot = rows(jobs.settings.path)
+    with pytest.raises(InvalidMessage):
+        jobs.dispatch_many("note", [{"n": 1}, {"n": object()}, {"n": 3}])
+    with pytest.raises(InvalidMessage):
+        jobs.dispatch_many([("note", {"n": 1}), ("greet", {"nobody": 1})])
+    assert rows(jobs.settings.path) == snapshot
+
+
+def nested(depth):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_PAYLOADS = [
+    pytest.param("note", {"n": object()}, id="object"),
+    pytest.param("note", {"n": {1, 2}}, id="set"),
+    pytest.param("note", {"n": b"bytes"}, id="bytes"),
+    pytest.param("note", {"n": float("nan")}, id="nan"),
+    pytest.param("note", {"n": float("inf")}, id="inf"),
+    pytest.param("note", {"n": "\ud800"}, id="lone-surrogate"),
+    pytest.param("note", {"n": nested(5000)}, id="nested-too-deep"),
+    pytest.param("note", [1, 2], id="list-payload"),
+    pytest.param("note", "n=1", id="string-payload"),
+    pytest.param("note", 3, id="int-payload"),
+    pytest.param("note", {}, id="missing-argument"),
+    pytest.param("note", {"n": 1, "m": 2}, id="unexpected-argument"),
+    pytest.param("greet", {"subject": "x"}, id="missing-first-argument"),
+    pytest.param("greet", {"to": "a", "signature": "x"}, id="unexpected-keyword"),
+    pytest.param("anything", {1: "x"}, id="non-string-key"),
+    pytest.param("nope", {"n": 1}, id="unknown-handler"),
+]
+
+
+@pytest.mark.parametrize("name,payload", BAD_PAYLOADS)
+def test_invalid_dispatch_raises_invalid_message_and_stores_nothing(jobs, name, payload):
+    jobs.dispatch("note", {"n": 0}, delay=5)
+    snapshot = rows(jobs.settings.path)
+    with pytest.raises(InvalidMessage):
+        jobs.dispatch(name, payload)
+    assert rows(jobs.settings.path) == snapshot
+
+
+@pytest.mark.parametrize("options", [{"queue": "nope"}, {"queue": "failed"}, {"queue": "bad queue"},
+                                     {"delay": -1}, {"delay": float("nan")}, {"delay": "soon"}])
+def test_invalid_queue_or_delay_raises_invalid_message(jobs, options):
+    jobs.dispatch("note", {"n": 0})
+    snapshot = rows(jobs.settings.path)
+    with pytest.raises(InvalidMessage):
+        jobs.dispatch("note", {"n": 1}, **options)
+    assert rows(jobs.settings.path) == snapshot
+
+
+def test_a_payload_over_max_body_bytes_is_refused(tmp_path):
+    jobs = JobRunner("sqlite:///%s?max_body_bytes=100" % (tmp_path / "jobs.db"))
+
+    @jobs.handler
+    def note(n):
+        pass
+
+    jobs.dispatch("note", {"n": "x" * 50})
+    with pytest.raises(InvalidMessage):
+        jobs.dispatch("note", {"n": "x" * 200})
+    assert [json.loads(b) for (b,) in query(jobs.settings.path, "SELECT body FROM messenger_messages")] == [{"n": "x" * 50}]
+    jobs.transport.close()
+
+
+def test_import_and_dispatch_need_only_the_standard_library(tmp_path):
+    db = tmp_path / "var" / "jobs.db"
+    code = r"""
+import importlib.abc, json, sys
+BLOCKED = {"click", "psutil", "filelock"}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ImportError("blocked by the test: " + name)
+        return None
+sys.meta_path.insert(0, Blocker())
+try:
+    import click
+except ImportError:
+    pass
+else:
+    raise SystemExit("the import hook does not block click")
+import jobrunner
+jobs = jobrunner.JobRunner("sqlite:///" + sys.argv[1])
+@jobs.handler("send_email", queue="async", max_retries=3)
+def send_email(to, subject="hi"):
+    pass
+ids = [jobs.dispatch("send_email", {"to": "a@b.c"}), send_email.dispatch(to="d@e.f")]
+ids += jobs.dispatch_many("send_email", [{"to": "1"}, {"to": "2"}])
+assert not BLOCKED & set(sys.modules), BLOCKED & set(sys.modules)
+print(json.dumps(ids))
+"""
+    result = run_python(code, db)
+    assert result.returncode == 0, result.stderr
+    ids = json.loads(result.stdout)
+    stored = query(db, "SELECT id, body, headers FROM messenger_messages ORDER BY id")
+    assert [(i, json.loads(b), json.loads(h)["handler"]) for i, b, h in stored] == [
+        (ids[0], {"to": "a@b.c"}, "send_email"), (ids[1], {"to": "d@e.f"}, "send_email"),
+        (ids[2], {"to": "1"}, "send_email"), (ids[3], {"to": "2"}, "send_email")]
+
+
+# --- locking and claims -------------------------------------------------------------
+
+
+def _hold_write_lock(db):
+    conn = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_dispatch_waits_for_a_write_lock_within_the_busy_timeout(jobs):
+    jobs.setup()
+    holder = _hold_write_lock(jobs.settings.path)
+    timer = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
+    started = time.monotonic()
+    timer.start()
+    try:
+        msg_id = jobs.dispatch("note", {"n": 1})
+    finally:
+        timer.join()
+        holder.close()
+    assert time.monotonic() - started >= 0.4
+    assert query(jobs.settings.path, "SELECT id FROM messenger_messages") == [(msg_id,)]
+
+
+def test_dispatch_raises_database_locked_past_the_busy_timeout(tmp_path):
+    jobs = JobRunner("sqlite:///%s?busy_timeout=0.2" % (tmp_path / "jobs.db"))
+
+    @jobs.handler
+    def note(n):
+        pass
+
+    jobs.dispatch("note", {"n": 0})
+    snapshot = rows(jobs.settings.path)
+    holder = _hold_write_lock(jobs.settings.path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseLocked):
+            jobs.dispatch_many("note", [{"n": 1}, {"n": 2}])
+        assert 0.15 <= time.monotonic() - started < 5
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert rows(jobs.settings.path) == snapshot
+    jobs.transport.close()
+
+
+_CLAIMER = r"""
+import json, os, sys, time
+import jobrunner
+transport = jobrunner.SqliteTransport(jobrunner.Settings.from_dsn(sys.argv[1]))
+transport.setup()
+worker_id, go = int(sys.argv[2]), sys.argv[3]
+open(go + "-ready-%d" % worker_id, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+ids = []
+while True:
+    delivery, settled, version, due = transport.claim(["async"], worker_id)
+    if delivery is None:
+        break
+    ids.append(delivery.id)
+print(json.dumps(ids))
+"""
+
+
+def test_concurrent_claims_never_hand_one_message_to_two_workers(jobs, tmp_path):
+    ids = jobs.dispatch_many("note", [{"n": i} for i in range(600)])
+    jobs.transport.close()
+    go = tmp_path / "go"
+    claimers = [subprocess.Popen([sys.executable, "-c", _CLAIMER, jobs.settings.path, str(100 + k), str(go)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+                                 env=dict(os.environ, PYTHONPATH=str(REPO))) for k in range(3)]
+    try:
+        wait_until(lambda: all(os.path.exists("%s-ready-%d" % (go, 100 + k)) for k in range(3)), message="claimers ready")
+        go.touch()
+        results = [p.communicate(timeout=30) for p in claimers]
+    finally:
+        for p in claimers:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in claimers] == [0, 0, 0], [err for _, err in results]
+    claimed = {100 + k: json.loads(out) for k, (out, _) in enumerate(results)}
+    everything = [i for got in claimed.values() for i in got]
+    assert sorted(everything) == ids  # each message claimed exactly once
+    stored = query(jobs.settings.path, "SELECT id, claimed_by, attempts, delivered_at IS NOT NULL FROM messenger_messages")
+    owner = {i: worker for worker, got in claimed.items() for i in got}
+    assert sorted(stored) == [(i, owner[i], 1, 1) for i in ids]
+
+
+def test_claim_takes_the_first_non_empty_queue_then_the_oldest_message(jobs):
+    jobs.dispatch("greet", {"to": "later"}, delay=60)
+    first_mail = jobs.dispatch("greet", {"to": "a"})
+    jobs.dispatch("greet", {"to": "b"})
+    first_async = jobs.dispatch("note", {"n": 1})
+    transport = jobs.transport
+    delivery, _, _, _ = transport.claim(["async", "mail"], 7)
+    assert delivery.id == first_async
+    delivery, _, _, _ = transport.claim(["async", "mail"], 7)
+    assert delivery.id == first_mail
+
+
+# --- the WAL under load ---------------------------------------------------------------
+
+
+def test_wal_stays_bounded_under_constant_dispatch_and_consume(project):
+    dsn = "sqlite:///%s?journal_size_limit=1M" % project.db
+    app = project.app()
+    app.use_dsn(dsn)
+    app.setup()
+    workers = [project.start("consume", "async", env={"JOBRUNNER_DSN": dsn}) for _ in range(2)]
+    wait_until(lambda: query(project.db, "SELECT COUNT(*) FROM jobrunner_workers") == [(2,)], message="2 workers")
+    wal = str(project.db) + "-wal"
+    largest, dispatched = 0, 0
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:
+        app.dispatch_many("note", [{"n": dispatched + i} for i in range(10)])
+        dispatched += 10
+        try:
+            largest = max(largest, os.stat(wal).st_size)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    wait_until(lambda: query(project.db, "SELECT COUNT(*) FROM messenger_messages") == [(0,)], timeout=20,
+               message="the workers to drain the queue")
+    assert len(project.handled("note")) == dispatched
+    # SQLite checkpoints every 1000 pages (4 MiB); journal_size_limit truncates the WAL after that.
+    # Without working checkpoints this load writes some 40 MiB of WAL in 3 s.
+    assert largest < 16 * 1024 * 1024, "WAL reached %.1f MiB" % (largest / 1024 / 1024)
+    for w in workers:
+        assert w.poll() is None, w.communicate()[1]
+    app.transport.close()

@@ -1,0 +1,300 @@
+"""The worker: `consume` with its limits, priorities, delays, signals and `stop-workers`, as real processes."""
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, wait_until
+
+
+def query(db, sql, *params):
+    conn = sqlite3.connect(str(db))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def messages(db):
+    """(id, queue, delivered?, attempts) of every stored message."""
+    return query(db, "SELECT id, queue_name, delivered_at IS NOT NULL, attempts FROM messenger_messages ORDER BY id")
+
+
+def worker_count(db):
+    try:
+        return query(db, "SELECT COUNT(*) FROM jobrunner_workers")[0][0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def records(project):
+    """Every recorded handler call as (kind, value, time, pid), in the order they happened."""
+    out = []
+    if project.out.exists():
+        for f in project.out.iterdir():
+            if f.name.isdigit():
+                for line in f.read_text().splitlines():
+                    kind, value, t = line.split(" ")
+                    out.append((kind, value, float(t), int(f.name)))
+    return sorted(out, key=lambda r: r[2])
+
+
+def sequence(project):
+    return [(kind, value) for kind, value, _, _ in records(project)]
+
+
+def finish(proc, timeout=15):
+    """Wait for a started process; return (exit code, stderr)."""
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+# --- exactly once --------------------------------------------------------------------
+
+
+def test_consume_limit_handles_hundreds_of_messages_each_exactly_once(project, app):
+    ids = app.dispatch_many("note", [{"n": i} for i in range(310)])
+    result = project.cli("consume", "async", "--limit", "300", "--time-limit", "30")
+    assert result.returncode == 0, result.stderr
+    assert "message limit of 300 reached" in result.stderr
+    handled = [v for v, _ in project.handled("note")]
+    assert sorted(handled) == sorted(str(i) for i in range(300))  # each once, the oldest first
+    assert messages(project.db) == [(i, "async", 0, 0) for i in ids[300:]]
+    assert worker_count(project.db) == 0
+
+
+def test_two_concurrent_consumers_handle_each_message_exactly_once(project, app):
+    app.setup()
+    workers = [project.start("consume", "async", "--limit", "200", "--time-limit", "30") for _ in range(2)]
+    wait_until(lambda: worker_count(project.db) == 2, message="two registered workers")
+    app.dispatch_many("note", [{"n": i} for i in range(400)])
+    for w in workers:
+        code, err = finish(w, timeout=30)
+        assert code == 0, err
+        assert "message limit of 200 reached" in err
+    handled = project.handled("note")
+    assert sorted(v for v, _ in handled) == sorted(str(i) for i in range(400))
+    per_pid = {}
+    for _, pid in handled:
+        per_pid[pid] = per_pid.get(pid, 0) + 1
+    assert sorted(per_pid) == sorted(w.pid for w in workers) and set(per_pid.values()) == {200}
+    assert messages(project.db) == []
+
+
+# --- delays and priorities --------------------------------------------------------------
+
+
+def test_a_delayed_message_is_handled_once_due_and_not_before(project, app):
+    late = app.dispatch("note", {"n": "late"}, delay=1.5)
+    app.dispatch("note", {"n": "now"})
+    ((due,),) = query(project.db, "SELECT available_at FROM messenger_messages WHERE id = ?", late)
+    # --sleep 5: the worker must wake for the due message, not on its idle poll
+    result = project.cli("consume", "async", "--limit", "2", "--sleep", "5", "--time-limit", "20")
+    assert result.returncode == 0, result.stderr
+    (now_kind, now_value, _, _), (late_kind, late_value, late_at, _) = records(project)
+    assert (now_kind, now_value, late_kind, late_value) == ("note", "now", "note", "late")
+    assert due <= late_at < due + 1.0
+    assert messages(project.db) == []
+
+
+def test_queues_are_consumed_in_the_order_given(project, app):
+    for i in range(3):
+        app.dispatch("note_low", {"n": i})
+        app.dispatch("note", {"n": i})
+        app.dispatch("note_high", {"n": i})
+    result = project.cli("consume", "high", "async", "low", "--limit", "9", "--time-limit", "20")
+    assert result.returncode == 0, result.stderr
+    assert sequence(project) == [("high", "0"), ("high", "1"), ("high", "2"), ("note", "0"), ("note", "1"),
+                                 ("note", "2"), ("low", "0"), ("low", "1"), ("low", "2")]
+
+
+def test_a_new_message_on_a_higher_queue_goes_before_the_rest_of_a_lower_one(project, app):
+    worker = project.start("consume", "high", "slow", "--time-limit", "20")
+    app.dispatch_many("slow", [{"n": i, "seconds": 0.5} for i in (1, 2, 3)])
+    wait_until(lambda: project.values("start") == ["1"], message="slow 1 to start")
+    app.dispatch("note_high", {"n": "h"})
+    wait_until(lambda: project.values("note") == ["1", "2", "3"], message="the slow messages")
+    worker.send_signal(signal.SIGTERM)
+    code, err = finish(worker)
+    assert code == 0, err
+    assert sequence(project) == [("start", "1"), ("note", "1"), ("high", "h"), ("start", "2"), ("note", "2"),
+                                 ("start", "3"), ("note", "3")]
+
+
+# --- limits ----------------------------------------------------------------------------
+
+
+def test_failure_limit_stops_the_worker_after_that_many_failed_attempts(project, app):
+    ids = app.dispatch_many("always_fails", [{"n": i} for i in (1, 2, 3)])
+    result = project.cli("consume", "async", "--failure-limit", "2", "--time-limit", "20")
+    assert result.returncode == 0, result.stderr
+    assert "failure limit of 2 reached" in result.stderr
+    assert project.values("fail") == ["1", "2"]
+    # the two failures wait for their retry; the third message was never touched
+    assert messages(project.db) == [(ids[0], "async", 0, 1), (ids[1], "async", 0, 1), (ids[2], "async", 0, 0)]
+
+
+def test_memory_limit_stops_the_worker_between_messages(project, app):
+    ids = app.dispatch_many("note", [{"n": i} for i in range(3)])
+    result = project.cli("consume", "async", "--memory-limit", "1M", "--time-limit", "20")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"memory limit of 1(\.0)?M", result.stderr), result.stderr
+    handled = project.values("note")
+    left = messages(project.db)
+    assert len(handled) + len(left) == 3
+    assert left == [(i, "async", 0, 0) for i in ids[len(handled):]]
+
+
+@pytest.mark.parametrize("size", ["128M", "1G"])
+def test_memory_limit_takes_sizes_with_units(project, app, size):
+    app.dispatch_many("note", [{"n": i} for i in range(2)])
+    result = project.cli("consume", "async", "--memory-limit", size, "--limit", "2", "--time-limit", "20")
+    assert result.returncode == 0, result.stderr
+    assert "message limit of 2 reached" in result.stderr and "memory limit" not in result.stderr
+    assert project.values("note") == ["0", "1"]
+
+
+def test_time_limit_stops_an_idle_worker(project, app):
+    app.setup()
+    started = time.monotonic()
+    result = project.cli("consume", "async", "--time-limit", "1", timeout=20)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "time limit of 1s reached" in result.stderr
+    assert 1.0 <= elapsed < 4.0
+
+
+def test_time_limit_stops_a_busy_worker_after_its_current_message(project, app):
+    app.dispatch_many("slow", [{"n": i, "seconds": 0.4} for i in range(5)])
+    result = project.cli("consume", "slow", "--time-limit", "1", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "time limit of 1s reached" in result.stderr
+    handled = project.values("note")
+    assert handled == project.values("start") and 2 <= len(handled) <= 3
+    assert [row[2:] for row in messages(project.db)] == [(0, 0)] * (5 - len(handled))
+
+
+def test_a_long_sleep_does_not_delay_a_new_message(project, app):
+    app.setup()
+    worker = project.start("consume", "async", "--sleep", "5")
+    wait_until(lambda: worker_count(project.db) == 1, message="the worker to register")
+    time.sleep(0.2)  # let it go idle: the wake-up must come from the commit, not from the start of the loop
+    sent = time.time()
+    app.dispatch("note", {"n": 1})
+    wait_until(lambda: project.values("note") == ["1"], timeout=4, message="the message to be handled")
+    (_, _, handled_at, _), = records(project)
+    assert handled_at - sent < 1.0
+    worker.send_signal(signal.SIGTERM)
+    code, err = finish(worker)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("flags,handled_line,traceback_line", [
+    ((), False, False), (("-v",), True, False), (("-vv",), True, True), (("-vvv",), True, True)])
+def test_verbosity_adds_a_line_per_message_then_details(project, app, flags, handled_line, traceback_line):
+    app.dispatch("note", {"n": 1})
+    app.dispatch("unrecoverable", {"n": 2})
+    result = project.cli("consume", "async", "--limit", "2", "--time-limit", "20", *flags)
+    assert result.returncode == 0, result.stderr
+    assert ("handled by note" in result.stderr) is handled_line, result.stderr
+    assert ("Traceback (most recent call last)" in result.stderr) is traceback_line, result.stderr
+    assert "moved to the failure queue" in result.stderr  # errors are always logged
+
+
+# --- signals and stop-workers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_lets_the_current_message_finish_then_exits_0(project, app, sig):
+    first, second = app.dispatch_many("slow", [{"n": 1, "seconds": 1.0}, {"n": 2, "seconds": 1.0}])
+    worker = project.start("consume", "slow")
+    wait_until(lambda: project.values("start") == ["1"], message="the slow handler to start")
+    worker.send_signal(sig)
+    code, err = finish(worker)
+    assert code == 0, err
+    assert "received %s" % sig.name in err
+    assert project.values("note") == ["1"] and project.values("start") == ["1"]
+    assert messages(project.db) == [(second, "slow", 0, 0)]  # the first is gone; the second untouched
+    assert worker_count(project.db) == 0
+
+
+def test_sigterm_stops_an_idle_worker_at_once(project, app):
+    app.setup()
+    worker = project.start("consume", "async")
+    wait_until(lambda: worker_count(project.db) == 1, message="the worker to register")
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    code, err = finish(worker)
+    assert code == 0, err
+    assert time.monotonic() - sent < 1.5
+    assert worker_count(project.db) == 0
+
+
+def test_stop_workers_stops_every_idle_worker(project, app):
+    app.setup()
+    workers = [project.start("consume", "async") for _ in range(3)]
+    wait_until(lambda: worker_count(project.db) == 3, message="three registered workers")
+    result = project.cli("stop-workers")
+    assert result.returncode == 0, result.stderr
+    assert "asked 3 running worker(s)" in result.stdout
+    for w in workers:
+        code, err = finish(w, timeout=10)
+        assert code == 0, err
+        assert "stop-workers was requested" in err
+    assert worker_count(project.db) == 0
+    # the request is for the workers running then, not for the ones started afterwards
+    later = project.start("consume", "async", "--limit", "1", "--time-limit", "20")
+    app.dispatch("note", {"n": 1})
+    code, err = finish(later, timeout=25)
+    assert code == 0, err
+    assert "message limit of 1 reached" in err and project.values("note") == ["1"]
+
+
+def test_stop_workers_lets_a_busy_worker_finish_its_message(project, app):
+    first, second = app.dispatch_many("slow", [{"n": 1, "seconds": 1.5}, {"n": 2, "seconds": 1.5}])
+    worker = project.start("consume", "slow")
+    wait_until(lambda: project.values("start") == ["1"], message="the slow handler to start")
+    assert project.cli("stop-workers").returncode == 0
+    code, err = finish(worker)
+    assert code == 0, err
+    assert "stop-workers was requested" in err
+    assert project.values("note") == ["1"] and project.values("start") == ["1"]
+    assert messages(project.db) == [(second, "slow", 0, 0)]
+
+
+_DISPATCH_DEEPEST = r"""
+import jobapp
+import jobrunner
+value, accepted = 1, 0
+for depth in range(1, 1001):
+    value = [value]
+    try:
+        jobapp.jobs.dispatch("note", {"n": value})
+    except (jobrunner.InvalidMessage, RecursionError):
+        break
+    accepted = depth
+jobapp.jobs.transport.connection().execute("DELETE FROM messenger_messages WHERE id < (SELECT MAX(id) FROM messenger_messages)")
+print(accepted)
+"""
+
+
+def test_every_payload_dispatch_accepts_is_handled_by_a_worker(project, app):
+    # dispatched from a shallow stack (a script), the deepest payload dispatch accepts must not crash the worker
+    app.setup()
+    env = dict(project.env, PYTHONPATH=os.pathsep.join([str(REPO), project.env["PYTHONPATH"]]))
+    made = subprocess.run([sys.executable, "-c", _DISPATCH_DEEPEST], cwd=project.path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    depth = int(made.stdout)
+    assert depth > 10 and len(messages(project.db)) == 1
+    result = project.cli("consume", "async", "--limit", "1", "--time-limit", "5")
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert project.values("note") == ["[" * depth + "1" + "]" * depth]
+    assert messages(project.db) == []
