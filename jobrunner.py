@@ -337,6 +337,20 @@ def _text_or_bytes(data):
         return data
 
 
+@contextlib.contextmanager
+def _tolerant_text(conn):
+    """Read TEXT that is not UTF-8 (written by another tool) as bytes instead of failing; off the hot path."""
+    conn.text_factory = _text_or_bytes
+    try:
+        yield conn
+    finally:
+        conn.text_factory = str
+
+
+def _is_decode_error(exc):
+    return isinstance(exc, sqlite3.OperationalError) and "decode" in str(exc).lower()
+
+
 def _decode_headers(text):
     try:
         headers = json.loads(text)
@@ -575,7 +589,6 @@ class SqliteTransport(Transport):
             raise _storage_error(exc, path) from None
         try:
             # validated values, not user text: PRAGMA takes no parameters
-            conn.text_factory = _text_or_bytes
             if _log.isEnabledFor(_SQL_TRACE):
                 conn.set_trace_callback(functools.partial(_log.log, _SQL_TRACE, "sql: %s"))
             conn.execute("PRAGMA synchronous = %s" % self.settings.synchronous)
@@ -684,6 +697,15 @@ class SqliteTransport(Transport):
         ``due`` when the next delayed message becomes available.
         """
         conn = self.connection()
+        try:
+            return self._claim(conn, queues, worker_id, settle)
+        except StorageError as exc:
+            if not _is_decode_error(exc.__cause__):
+                raise
+            with _tolerant_text(conn):  # a row that is not UTF-8: claim it as bytes, it will fail as poison
+                return self._claim(conn, queues, worker_id, settle)
+
+    def _claim(self, conn, queues, worker_id, settle):
         settled = True
         version = due = None
         try:
@@ -708,7 +730,7 @@ class SqliteTransport(Transport):
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from None
+            raise _storage_error(exc, self.path) from exc
         if row is None:
             return None, settled, version, due
         return _Delivery(*row, worker_id), settled, None, None
@@ -788,9 +810,8 @@ class SqliteTransport(Transport):
 
     def get(self, message_id):
         """One message by id, any queue, or None."""
-        rows = self.connection(create=False).execute(
-            "SELECT %s FROM messenger_messages WHERE id = ?" % _COLUMNS, (message_id,)
-        ).fetchall()
+        with _tolerant_text(self.connection(create=False)) as conn:
+            rows = conn.execute("SELECT %s FROM messenger_messages WHERE id = ?" % _COLUMNS, (message_id,)).fetchall()
         return _envelope_from_row(rows[0]) if rows else None
 
     def failed(self, ids=None, limit=None):
@@ -806,7 +827,8 @@ class SqliteTransport(Transport):
             sql += " LIMIT ?"
             params.append(int(limit))
         try:
-            return [_envelope_from_row(row) for row in conn.execute(sql, params).fetchall()]
+            with _tolerant_text(conn):
+                return [_envelope_from_row(row) for row in conn.execute(sql, params).fetchall()]
         except sqlite3.Error as exc:
             raise _storage_error(exc, self.path) from None
 
@@ -860,10 +882,11 @@ class SqliteTransport(Transport):
 
     @staticmethod
     def _failed_in(conn, ids):
-        rows = conn.execute(
-            "SELECT %s FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))" % _COLUMNS,
-            (FAILED_QUEUE, json.dumps(list(ids))),
-        ).fetchall()
+        with _tolerant_text(conn):
+            rows = conn.execute(
+                "SELECT %s FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))"
+                % _COLUMNS, (FAILED_QUEUE, json.dumps(list(ids))),
+            ).fetchall()
         return [_envelope_from_row(row) for row in rows]
 
 
