@@ -1630,7 +1630,10 @@ class Worker:
         while True:
             reason = self._limit_reached(started)
             if reason:
-                self.stop(reason)
+                # Supervised and over the memory limit before any message: the limit is below the worker's own
+                # footprint and restarting cannot help; fail, so the supervisor backs off instead of forking in a loop.
+                useless = self.parent_pid and self.processed == 0 and reason.startswith("memory limit")
+                self.stop(reason, exit_code=1 if useless else 0)
             if self._stop_reason is not None:
                 return outcome
             try:
@@ -2075,8 +2078,20 @@ class _RotatingLog:
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data):
-        if self.max_bytes and self.size and self.size + len(data) > self.max_bytes:
+        """Append ``data``; rotate first whenever the file would pass max_bytes, splitting at line ends."""
+        while self.max_bytes and self.size + len(data) > self.max_bytes:
+            room = self.max_bytes - self.size
+            cut = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
+            if not cut and not self.size:
+                cut = room  # one line longer than a whole file: split it
+            if cut:
+                self._write(data[:cut])
+                data = data[cut:]
             self.rotate()
+        if data:
+            self._write(data)
+
+    def _write(self, data):
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
@@ -2138,6 +2153,7 @@ class _Process:
         self.exit_status = None
         self.description = ""
         self.restart_requested = False
+        self.last_beat = None  # wall clock of the last heartbeat the supervisor saw
         self.pipe = None
         self.log = None
 
@@ -2344,6 +2360,7 @@ class Supervisor:
     def _loop(self):
         while True:
             now = time.monotonic()
+            before = [(p.state, p.pid) for p in self.processes]
             self._reap(now)
             if self._restart_all:
                 self._restart_all = False
@@ -2359,7 +2376,7 @@ class Supervisor:
                                       proc.program.stopwaitsecs)
                     self._signal(proc, signal.SIGKILL)
                     proc.kill_at = None
-            self._sync_database()
+            self._sync_database(force=[(p.state, p.pid) for p in self.processes] != before)
             if self._stopping and all(p.pid is None for p in self.processes):
                 return
             self._wait(self._next_timeout(now))
@@ -2430,6 +2447,7 @@ class Supervisor:
         proc.started_at = time.time()
         proc.restart_requested = False
         proc.exit_status = None
+        proc.last_beat = None
         proc.change(_Process.STARTING)
         self._log.info("spawned %s with pid %d", proc.name, pid)
 
@@ -2571,7 +2589,8 @@ class Supervisor:
         """SIGKILL a worker that stopped beating (hung, or SIGSTOPped): its message is retried elsewhere."""
         timeout = self.transport.settings.heartbeat_timeout
         for proc in self.processes:
-            beat = beats.get(proc.pid)
+            # another worker may have declared it dead and deleted its row: go on from the last beat seen
+            beat = proc.last_beat = beats.get(proc.pid, proc.last_beat)
             if beat is not None and proc.state in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING) and wall - beat > timeout:
                 self._log.error("%s (pid %d) has not beaten for %.0fs: killing it", proc.name, proc.pid, wall - beat)
                 self._signal(proc, signal.SIGKILL)
@@ -2613,12 +2632,13 @@ def _read_status(transport):
     except sqlite3.Error as exc:
         raise _storage_error(exc, transport.path) from None
     by_pid = {(w[1], w[2]): w for w in workers}
+    here = _host_identity()
     out, seen = [], set()
     for name, program, host, sup_pid, state, pid, since, started, updated, description in procs:
         worker = by_pid.get((host, pid)) if pid else None
         if worker:
             seen.add((host, pid))
-        stale = now - updated > _SUPERVISOR_STALE_S
+        stale = now - updated > _SUPERVISOR_STALE_S or (host == here and not _pid_alive(sup_pid))
         out.append({
             "name": name,
             "program": program,
@@ -2629,7 +2649,8 @@ def _read_status(transport):
             "rss_bytes": worker[7] if worker else None,
             "beat_age_s": round(now - worker[5], 1) if worker else None,
             "supervisor_pid": sup_pid,
-            "description": "supervisor not responding for %.0fs" % (now - updated) if stale else description,
+            "description": "supervisor (pid %d) is gone" % sup_pid if stale and host == here else
+            "supervisor not responding for %.0fs" % (now - updated) if stale else description,
         })
     for name, host, pid, ppid, started, beat, handled, rss, queues in workers:
         if (host, pid) in seen:
@@ -2967,8 +2988,8 @@ def _build_cli():
     @click.option("--log-dir", default="var/log", show_default=True, help="Where NAME_NN.log and supervisor.log go.")
     @click.option("--autorestart", type=click.Choice(_AUTORESTART), default="true", show_default=True,
                   help="Restart workers that exit: always, never, or after a non-zero exit.")
-    @click.option("--startsecs", type=SECONDS, default=1.0, show_default=True, help="Seconds up before _Process.RUNNING.")
-    @click.option("--startretries", type=COUNT, default=3, show_default=True, help="Quick exits before _Process.FATAL.")
+    @click.option("--startsecs", type=SECONDS, default=1.0, show_default=True, help="Seconds up before RUNNING.")
+    @click.option("--startretries", type=COUNT, default=3, show_default=True, help="Quick exits before FATAL.")
     @click.option("--stopwaitsecs", type=SECONDS, default=10.0, show_default=True, help="Grace before SIGKILL.")
     @click.option("--log-max-bytes", type=SIZE, default="10MB", show_default=True, help="Rotate a log at this size.")
     @click.option("--log-backups", type=COUNT, default=3, show_default=True, help="Rotated logs to keep.")
@@ -3054,6 +3075,8 @@ def _read_config(path, consume_command):
     import configparser
     import shlex
 
+    import click
+
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path) as f:
@@ -3079,7 +3102,7 @@ def _read_config(path, consume_command):
         except Exception as exc:
             raise ConfigurationError("[%s] command: %s" % (name, getattr(exc, "format_message", lambda: exc)())) from None
         params = ctx.params
-        if params.get("app_spec") or params.get("dsn"):
+        if any(ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE for key in ("app_spec", "dsn")):
             raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)
         fields = {"numprocs": int, "autorestart": str, "startsecs": float, "startretries": int, "stopwaitsecs": float,
                   "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size, "log_backups": int,

@@ -1,0 +1,724 @@
+"""`supervise`, `status` and `health`: real supervisors forking real workers on a real
+SQLite file, driven by signals, observed through the command line and the files
+the handlers write.  Every process a test starts is gone when it ends."""
+
+import collections
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import JOBRUNNER, wait_until
+
+QUICK = ("--startsecs", "0.3")  # RUNNING 0.3 s after the fork: keeps the tests short
+
+
+class Supervisors:
+    """Starts `supervise` in the background; at teardown kills it and every worker it forked."""
+
+    def __init__(self, project):
+        self.project = project
+        self.procs = []
+        self.workers = {}  # pid -> psutil.Process, every worker a test saw
+
+    def start(self, *args, env=None, log_dir="log"):
+        out_path = self.project.path / ("supervise-%d.out" % len(self.procs))
+        with open(out_path, "w") as out:
+            command = [sys.executable, JOBRUNNER, "supervise", *map(str, args)]
+            if log_dir is not None:
+                command += ["--log-dir", log_dir]
+            proc = subprocess.Popen(command, cwd=self.project.path, env=dict(self.project.env, **(env or {})),
+                                    stdout=out, stderr=subprocess.STDOUT)
+        proc.out_path = out_path
+        self.procs.append(proc)
+        return proc
+
+    def output(self, proc):
+        return proc.out_path.read_text()
+
+    def remember(self, pids):
+        for pid in pids:
+            if pid and pid not in self.workers:
+                try:
+                    self.workers[pid] = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    pass
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                ps = psutil.Process(proc.pid)
+                with _suppress_gone():
+                    # stopped, it cannot fork a replacement for a worker we are about to kill
+                    ps.suspend()
+                    wait_until(lambda: ps.status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE), timeout=5)
+                    for child in ps.children(recursive=True):
+                        self.workers.setdefault(child.pid, child)
+                proc.kill()
+            proc.wait(timeout=10)
+        for worker in self.workers.values():
+            with _suppress_gone():
+                if worker.is_running():
+                    worker.kill()
+        wait_until(lambda: not any(alive(w) for w in self.workers.values()), timeout=10, message="workers to die")
+
+
+class _suppress_gone:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, (psutil.NoSuchProcess, ProcessLookupError))
+
+
+def alive(process):
+    """True while the process exists and is not a zombie (an orphan's reaper may be slow)."""
+    if isinstance(process, int):
+        try:
+            process = psutil.Process(process)
+        except psutil.NoSuchProcess:
+            return False
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def sups(project):
+    s = Supervisors(project)
+    yield s
+    s.close()
+
+
+# --- helpers reading what the command line says ---------------------------------------
+
+
+def status(project, sups=None, missing_ok=False):
+    result = project.cli("status", "--json")
+    if missing_ok and result.returncode == 2 and "no database at" in result.stderr:
+        return {"processes": []}  # the supervisor has not created it yet
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    if sups is not None:
+        sups.remember(p["pid"] for p in data["processes"])
+    return data
+
+
+def supervised(data):
+    """The supervised processes in ``status --json`` by name (standalone workers have no supervisor_pid)."""
+    return {p["name"]: p for p in data["processes"] if p["supervisor_pid"] is not None}
+
+
+def wait_running(project, sups, names, exclude=(), timeout=10):
+    """Wait until exactly ``names`` are RUNNING and registered (beating), with pids not in ``exclude``."""
+
+    def ready():
+        procs = supervised(status(project, sups, missing_ok=True))
+        if sorted(procs) != sorted(names):
+            return None
+        if all(p["state"] == "RUNNING" and p["pid"] and p["beat_age_s"] is not None and p["pid"] not in exclude
+               for p in procs.values()):
+            return procs
+        return None
+
+    return wait_until(ready, timeout=timeout, message="%s RUNNING" % ", ".join(names))
+
+
+def health(project, *args):
+    return project.cli("health", *args)
+
+
+def log_text(project, name, log_dir="log"):
+    path = project.path / log_dir / name
+    return path.read_text() if path.exists() else ""
+
+
+def stats(project):
+    result = project.cli("stats", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    return {q["queue"]: q for q in data["queues"]}, data["failed"]
+
+
+def dispatch(project, name, _env=None, **payload):
+    result = project.cli("dispatch", name, json.dumps(payload), env=_env)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+def first_start(project):
+    """The pid of the worker that started the slow message (it records "start" first)."""
+    return wait_until(lambda: project.handled("start"), timeout=5, message="a worker to start the slow message")[0][1]
+
+
+# --- running workers ----------------------------------------------------------------------
+
+
+def test_workers_run_under_their_program_names_with_private_logs_and_status_tells_their_state(project, sups, app):
+    sup = sups.start("high", "async", "--numprocs", 2, *QUICK)
+    procs = wait_running(project, sups, ["high-async_00", "high-async_01"])
+    pids = {p["pid"] for p in procs.values()}
+    assert len(pids) == 2
+    children = psutil.Process(sup.pid).children()
+    assert {c.pid for c in children} == pids
+    for pid in pids:
+        assert os.getpgid(pid) == pid  # its own process group: a terminal's Ctrl-C is for the supervisor
+    app.dispatch_many("note_high", [{"n": i} for i in range(3)])
+    app.dispatch_many("note", [{"n": i} for i in range(4)])
+    wait_until(lambda: len(project.handled("high")) == 3 and len(project.handled("note")) == 4, message="7 messages")
+    assert {pid for _, pid in project.handled("high") + project.handled("note")} <= pids
+    # the counts reach status with the workers' next heartbeats
+    def counted():
+        procs = supervised(status(project))
+        return sum(p["handled"] for p in procs.values()) == 7 and procs
+
+    procs = wait_until(counted, timeout=5, message="status to count 7 handled messages")
+    for name, p in procs.items():
+        assert p["state"] == "RUNNING"
+        assert p["program"] == "high-async"
+        assert p["supervisor_pid"] == sup.pid
+        assert p["pid"] in pids
+        assert isinstance(p["uptime_s"], float) and 0 < p["uptime_s"] < 30
+        assert isinstance(p["rss_bytes"], int) and p["rss_bytes"] > 1024 * 1024
+        assert p["handled"] == sum(1 for _, pid in project.handled("high") + project.handled("note") if pid == p["pid"])
+    text = project.cli("status")
+    assert text.returncode == 0
+    for name, p in procs.items():
+        assert re.search(r"^%s +RUNNING +pid %d, uptime " % (name, p["pid"]), text.stdout, re.M), text.stdout
+    result = health(project)
+    assert (result.returncode, result.stdout) == (0, "OK: 0 ready, 0 failed\n")
+
+    logs = project.path / "log"
+    assert sorted(os.listdir(logs)) == ["high-async_00.log", "high-async_01.log", "supervisor.log"]
+    for name in os.listdir(logs):
+        assert stat.S_IMODE(os.stat(logs / name).st_mode) == 0o600, name
+    for name, p in procs.items():
+        expected = "worker %s (pid %d) consuming high, async from %s" % (name, p["pid"], project.db)
+        assert expected in log_text(project, name + ".log")
+    assert "spawned high-async_00 with pid %d" % procs["high-async_00"]["pid"] in log_text(project, "supervisor.log")
+
+
+def test_status_lists_each_supervised_worker_once_from_the_moment_it_is_spawned(project, sups):
+    sups.start("async", "--numprocs", 2, *QUICK)
+    snapshots = []
+
+    def running():
+        data = status(project, missing_ok=True)
+        snapshots.append(data["processes"])
+        procs = supervised(data)
+        return len(procs) == 2 and all(p["state"] == "RUNNING" and p["beat_age_s"] is not None for p in procs.values())
+
+    wait_until(running, timeout=10, message="async_00 and async_01 RUNNING")
+    for procs in snapshots:
+        names = [p["name"] for p in procs]
+        assert len(names) == len(set(names)), procs  # one line per process, not a row and a "standalone" worker
+        assert all(p["supervisor_pid"] is not None for p in procs), procs
+
+
+def test_a_worker_killed_while_it_holds_a_message_is_replaced_and_the_message_handled_again(project, sups):
+    sup = sups.start("slow", "--numprocs", 2, *QUICK)
+    procs = wait_running(project, sups, ["slow_00", "slow_01"])
+    dispatch(project, "slow", n=1, seconds=1)
+    victim = first_start(project)
+    name = next(n for n, p in procs.items() if p["pid"] == victim)
+    survivor = next(p["pid"] for n, p in procs.items() if p["pid"] != victim)
+    os.kill(victim, signal.SIGKILL)
+    # released at once by the supervisor, which reaps its child: no heartbeat timeout to wait for
+    wait_until(lambda: len(project.handled("start")) == 2, timeout=5, message="the message to be handled again")
+    wait_until(lambda: project.handled("note"), timeout=5, message="the message to be finished")
+    [(_, again)] = project.handled("note")
+    assert again != victim
+    assert sorted(project.handled("start")) == sorted([("1", victim), ("1", again)])
+    assert not alive(victim)
+    procs = wait_running(project, sups, ["slow_00", "slow_01"], exclude=(victim,))
+    assert procs[name]["pid"] not in (victim, survivor)  # replaced
+    assert survivor in {p["pid"] for p in procs.values()}  # the other one untouched
+    queues, failed = stats(project)
+    assert (queues["slow"]["ready"], queues["slow"]["in_flight"], failed) == (0, 0, 0)
+    log = log_text(project, "supervisor.log")
+    assert "%s (pid %d) killed by SIGKILL" % (name, victim) in log
+    assert "released 1 message(s) held by dead worker(s) %d" % victim in log
+    assert health(project).returncode == 0
+    assert sup.poll() is None
+
+
+def test_a_worker_that_stops_beating_is_killed_and_replaced_and_its_message_retried(project, sups):
+    sups.start("slow", "--heartbeat-timeout", 3, *QUICK)
+    wait_running(project, sups, ["slow_00"])
+    dispatch(project, "slow", n=1, seconds=0.5)
+    victim = first_start(project)
+    os.kill(victim, signal.SIGSTOP)  # frozen: alive to waitpid, silent to the heartbeat
+    stopped_at = time.monotonic()
+    wait_until(lambda: not alive(victim), timeout=8, message="the frozen worker to be killed")
+    assert time.monotonic() - stopped_at > 2.5  # not before its heartbeat timeout
+    wait_until(lambda: project.handled("note"), timeout=5, message="the message to be retried")
+    assert project.handled("note")[0][1] != victim
+    assert [v for v, _ in project.handled("start")] == ["1", "1"]
+    wait_running(project, sups, ["slow_00"], exclude=(victim,))
+    assert re.search(r"slow_00 \(pid %d\) has not beaten for \d+s: killing it" % victim,
+                     log_text(project, "supervisor.log"))
+
+
+def test_a_frozen_worker_is_killed_even_when_another_worker_released_its_claim_first(project, sups):
+    # Any worker on the database releases the claims of a silent one and forgets it; here a standalone
+    # worker with a shorter heartbeat timeout does so before the supervisor's own timeout (3 s) runs out.
+    # The supervisor must still kill its frozen child and start another: a stopped process is not a worker.
+    sups.start("slow", "--heartbeat-timeout", 3, *QUICK)
+    wait_running(project, sups, ["slow_00"])
+    quick_reaper = project.start("consume", "empty", env={
+        "JOBRUNNER_DSN": "sqlite:///%s?heartbeat_interval=0.3&heartbeat_timeout=1.5" % project.db})
+    wait_until(lambda: len(status(project)["processes"]) == 2, message="the standalone worker to register")
+    dispatch(project, "slow", n=1, seconds=0.5)
+    victim = first_start(project)
+    os.kill(victim, signal.SIGSTOP)
+    wait_until(lambda: not alive(victim), timeout=8, message="the frozen worker %d to be killed" % victim)
+    wait_until(lambda: project.handled("note"), timeout=5, message="the message to be retried")
+    wait_running(project, sups, ["slow_00"], exclude=(victim,))
+    assert [p["pid"] for p in status(project)["processes"] if p["supervisor_pid"] is None] == [quick_reaper.pid]
+    quick_reaper.terminate()
+    assert "released 1 message(s) claimed by 1 dead worker(s)" in quick_reaper.communicate(timeout=10)[1]
+
+
+def test_a_slow_handler_that_is_alive_keeps_its_message_past_the_heartbeat_timeout(project, sups):
+    dsn = "sqlite:///%s?heartbeat_timeout=3" % project.db
+    sups.start("slow", "--numprocs", 2, *QUICK, env={"JOBRUNNER_DSN": dsn})
+    procs = wait_running(project, sups, ["slow_00", "slow_01"])
+    pids = {p["pid"] for p in procs.values()}
+    dispatch(project, "slow", n=1, seconds=4)
+    busy = first_start(project)
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() - started > 3.2, message="the heartbeat timeout to pass")
+    busy_proc = next(p for p in status(project)["processes"] if p["pid"] == busy)
+    assert busy_proc["state"] == "RUNNING" and busy_proc["beat_age_s"] < 3  # its heartbeat thread still beats
+    assert health(project).returncode == 0
+    wait_until(lambda: project.handled("note"), timeout=5, message="the slow message to finish")
+    assert project.handled("start") == [("1", busy)] and project.handled("note") == [("1", busy)]
+    assert {p["pid"] for p in status(project)["processes"]} == pids  # nobody killed, nobody replaced
+    log = log_text(project, "supervisor.log")
+    assert "killing it" not in log and "released" not in log
+    assert "released" not in log_text(project, "slow_00.log") + log_text(project, "slow_01.log")
+
+
+def test_a_standalone_worker_killed_holding_a_message_is_released_by_another_worker_on_the_host(project):
+    # a heartbeat timeout of 8 s makes the others look for dead workers every 2 s: a release
+    # within 6 s can only come from seeing that the pid is gone, not from the timeout
+    env = {"JOBRUNNER_DSN": "sqlite:///%s?heartbeat_timeout=8" % project.db}
+    first = project.start("consume", "slow", env=env)
+    wait_until(lambda: len(status(project, missing_ok=True)["processes"]) == 1, message="the first worker to register")
+    dispatch(project, "slow", n=1, seconds=30)
+    wait_until(lambda: project.handled("start") == [("1", first.pid)], timeout=5, message="the first worker to take it")
+    second = project.start("consume", "slow", env=env)
+    wait_until(lambda: len(status(project)["processes"]) == 2, message="the second worker to register")
+    first.kill()
+    first.wait()  # reaped, as its shell or systemd would
+    wait_until(lambda: ("1", second.pid) in project.handled("start"), timeout=6, message="another worker to release it")
+    assert [p["pid"] for p in status(project)["processes"]] == [second.pid]
+
+
+# --- limits recycle workers at once -----------------------------------------------------
+
+
+def test_workers_are_recycled_at_once_by_the_message_limit(project, sups, app):
+    sups.start("async", "--limit", 3, *QUICK)
+    first = wait_running(project, sups, ["async_00"])["async_00"]["pid"]
+    app.dispatch_many("note", [{"n": i} for i in range(9)])
+    wait_until(lambda: len(project.handled("note")) == 9, timeout=10, message="9 messages")
+    per_pid = collections.Counter(pid for _, pid in project.handled("note"))
+    assert sorted(per_pid.values()) == [3, 3, 3]
+    assert first in per_pid
+    sups.remember(per_pid)
+    procs = wait_running(project, sups, ["async_00"], exclude=tuple(per_pid))
+    assert project.values("note") == sorted(str(i) for i in range(9))
+    worker_log = log_text(project, "async_00.log")
+    assert worker_log.count("stopped: message limit of 3 reached (3 messages, 0 failed attempts)") == 3
+    log = log_text(project, "supervisor.log")
+    for pid in per_pid:
+        assert "async_00 (pid %d) exit status 0 -> EXITED" % pid in log
+    assert "BACKOFF" not in log
+    assert log.count("spawned async_00") == 4
+    assert procs["async_00"]["state"] == "RUNNING"
+
+
+def test_workers_are_recycled_at_once_by_the_time_limit(project, sups):
+    sups.start("async", "--time-limit", 0.5, *QUICK)
+    wait_until(lambda: log_text(project, "async_00.log").count("stopped: time limit of 0.5s reached") >= 2, timeout=8,
+               message="two workers to reach their time limit")
+    wait_until(lambda: log_text(project, "supervisor.log").count("spawned async_00") >= 3, timeout=5)
+    log = log_text(project, "supervisor.log")
+    assert "BACKOFF" not in log and "exit status 0 -> EXITED" in log
+    pids = set(int(p) for p in re.findall(r"spawned async_00 with pid (\d+)", log))
+    sups.remember(pids)
+    assert len(pids) >= 3
+
+
+def test_workers_are_recycled_at_once_by_the_memory_limit(project, sups):
+    env = {"JOBRUNNER_APP": "supapp"}
+    sups.start("async", "--memory-limit", "100M", *QUICK, env=env)
+    first = wait_running(project, sups, ["async_00"])["async_00"]["pid"]
+    dispatch(project, "note", n=0)
+    wait_until(lambda: project.handled("note") == [("0", first)], message="a small message")
+    dispatch(project, "grow", n=1, mb=128, _env=env)
+    wait_until(lambda: not alive(first), timeout=8, message="the worker over its memory limit to exit")
+    second = wait_running(project, sups, ["async_00"], exclude=(first,))["async_00"]["pid"]
+    dispatch(project, "note", n=2)
+    wait_until(lambda: len(project.handled("note")) == 3, message="the next message")
+    assert sorted(project.handled("note")) == [("0", first), ("1", first), ("2", second)]
+    assert re.search(r"worker async_00 stopped: memory limit of 100\.0M exceeded \(RSS 1\d\d\.\dM\)",
+                     log_text(project, "async_00.log"))
+    log = log_text(project, "supervisor.log")
+    assert "async_00 (pid %d) exit status 0 -> EXITED" % first in log
+    assert "BACKOFF" not in log
+
+
+def test_a_memory_limit_below_the_workers_own_footprint_backs_off_to_fatal_instead_of_forking_in_a_loop(project, sups):
+    # The worker can never handle anything: it is over the limit as soon as it starts.  It must count as
+    # a program that cannot start (BACKOFF, then FATAL), not be restarted at once forever.
+    sups.start("async", "--memory-limit", "1M", "--startsecs", 1, "--startretries", 1)
+    try:
+        wait_until(lambda: supervised(status(project, missing_ok=True)).get("async_00", {}).get("state") == "FATAL",
+                   timeout=6)
+    except AssertionError:
+        raise AssertionError("async_00 not FATAL after 6 s: %d workers spawned"
+                             % log_text(project, "supervisor.log").count("spawned async_00")) from None
+    # the first start and startretries=1 retry
+    assert log_text(project, "supervisor.log").count("spawned async_00") == 2
+    assert "memory limit of 1.0M exceeded" in log_text(project, "async_00.log")
+    result = health(project)
+    assert result.returncode == 1 and "async_00 is FATAL" in result.stdout
+
+
+# --- programs that cannot start --------------------------------------------------------------
+
+
+def test_a_program_that_cannot_start_goes_backoff_then_fatal_and_sighup_retries_it(project, sups):
+    imports, fixed = project.path / "imports", project.path / "fixed"
+    env = {"JOBRUNNER_APP": "supbroken", "SUPBROKEN_IMPORTS": str(imports), "SUPBROKEN_FIXED": str(fixed)}
+    sup = sups.start("async", "--startsecs", 1, "--startretries", 2, env=env)
+    seen = []
+
+    def fatal():
+        proc = supervised(status(project, missing_ok=True)).get("async_00")
+        if proc and (not seen or seen[-1] != proc["state"]):
+            seen.append(proc["state"])
+        return proc if proc and proc["state"] == "FATAL" else None
+
+    proc = wait_until(fatal, timeout=10, message="async_00 FATAL")
+    assert "BACKOFF" in seen and seen.index("BACKOFF") < seen.index("FATAL"), seen
+    assert proc["pid"] is None and proc["uptime_s"] is None
+    assert proc["description"] == "too many start retries too quickly; see async_00.log"
+    result = health(project)
+    assert result.returncode == 1
+    assert result.stdout == "UNHEALTHY: async_00 is FATAL: too many start retries too quickly; see async_00.log\n"
+    result = health(project, "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["reasons"] == [
+        "async_00 is FATAL: too many start retries too quickly; see async_00.log"]
+    # the pre-flight import, then the first start and startretries=2 retries, and nothing after FATAL
+    assert len(imports.read_text().split()) == 4
+    assert log_text(project, "async_00.log").count("RuntimeError: cannot connect to the mail server") == 3
+    log = log_text(project, "supervisor.log")
+    assert log.count("spawned async_00") == 3
+    assert log.count("exit status 1 -> BACKOFF") == 3
+    assert sup.poll() is None  # a FATAL program does not stop the supervisor
+
+    fixed.touch()  # the next deploy fixes it; SIGHUP restarts every worker, FATAL ones included
+    sup.send_signal(signal.SIGHUP)
+    wait_running(project, sups, ["async_00"])
+    assert health(project).returncode == 0
+
+
+def test_autorestart_false_leaves_a_crashed_worker_exited(project, sups):
+    sups.start("slow", "--autorestart", "false", *QUICK)
+    pid = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
+    dispatch(project, "crash", n=1)
+    proc = wait_until(lambda: (lambda p: p["state"] == "EXITED" and p)(supervised(status(project))["slow_00"]),
+                      timeout=5, message="slow_00 EXITED")
+    assert proc["pid"] is None
+    assert proc["description"] == "exited (exit status 3; not expected)"
+    assert not alive(pid)
+    assert log_text(project, "supervisor.log").count("spawned slow_00") == 1
+    queues, failed = stats(project)
+    assert (queues["slow"]["ready"], queues["slow"]["in_flight"], failed) == (1, 0, 0)  # released, not lost
+    result = health(project)
+    assert result.returncode == 1 and "slow_00 is EXITED: exited (exit status 3; not expected)" in result.stdout
+
+
+def test_autorestart_unexpected_restarts_a_crashed_worker(project, sups):
+    sups.start("slow", "--autorestart", "unexpected", *QUICK)
+    pid = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
+    dispatch(project, "crash", n=1)
+    wait_until(lambda: not alive(pid), timeout=5)
+    # the crash handler allows 2 attempts: the worker dies twice, then the message goes to the failure queue
+    wait_until(lambda: stats(project)[1] == 1, timeout=10, message="the message to reach the failure queue")
+    assert [v for v, _ in project.handled("crash")] == ["1", "1"]
+    wait_running(project, sups, ["slow_00"], exclude=(pid,))
+    failed = json.loads(project.cli("failed", "show", "--json").stdout)
+    assert [(m["handler"], m["error_class"]) for m in failed["failed"]] == [("crash", "WorkerDied")]
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_current_message_and_leaves_no_process(project, sups):  # SIGINT: the config file test
+    sup = sups.start("slow", "--numprocs", 2, "--name", "mail", *QUICK)
+    procs = wait_running(project, sups, ["mail_00", "mail_01"])
+    pids = [p["pid"] for p in procs.values()]
+    dispatch(project, "slow", n=1, seconds=1)
+    busy = first_start(project)
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=10) == 0
+    assert project.handled("note") == [("1", busy)]  # finished, not abandoned
+    for pid in pids:
+        assert not alive(pid)
+    assert status(project) == {"processes": []}
+    assert project.cli("status").stdout == "no supervisor or worker is running on %s\n" % project.db
+    queues, failed = stats(project)
+    assert (queues["slow"]["ready"], queues["slow"]["in_flight"], failed) == (0, 0, 0)
+    log = log_text(project, "supervisor.log")
+    assert "received SIGTERM: stopping all workers" in log
+    for name, p in procs.items():
+        assert "%s (pid %d) exit status 0 -> STOPPED" % (name, p["pid"]) in log
+    assert log.rstrip().endswith("supervisor stopped")
+    busy_name = next(n for n, p in procs.items() if p["pid"] == busy)
+    assert "worker %s stopped: received SIGTERM (1 messages, 0 failed attempts)" % busy_name in log_text(
+        project, busy_name + ".log")
+
+
+def test_a_worker_that_ignores_the_stop_is_killed_after_stopwaitsecs_and_its_message_kept(project, sups):
+    sup = sups.start("slow", "--stopwaitsecs", 0.5, *QUICK)
+    pid = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
+    dispatch(project, "slow", n=1, seconds=30)
+    first_start(project)
+    asked = time.monotonic()
+    sup.terminate()
+    assert sup.wait(timeout=10) == 0
+    assert 0.5 <= time.monotonic() - asked < 5
+    assert not alive(pid)
+    assert project.handled("note") == []
+    queues, failed = stats(project)
+    assert (queues["slow"]["ready"], queues["slow"]["in_flight"], failed) == (1, 0, 0)
+    assert "slow_00 (pid %d) did not stop within 0.5s: SIGKILL" % pid in log_text(project, "supervisor.log")
+
+
+def test_sighup_restarts_every_worker_gracefully(project, sups):
+    sup = sups.start("slow", "--numprocs", 2, *QUICK)
+    old = wait_running(project, sups, ["slow_00", "slow_01"])
+    old_pids = tuple(p["pid"] for p in old.values())
+    dispatch(project, "slow", n=1, seconds=1)
+    busy = first_start(project)
+    sup.send_signal(signal.SIGHUP)
+    new = wait_running(project, sups, ["slow_00", "slow_01"], exclude=old_pids)
+    assert project.handled("start") == [("1", busy)] and project.handled("note") == [("1", busy)]
+    for pid in old_pids:
+        assert not alive(pid)
+    assert set(p["pid"] for p in new.values()) == {c.pid for c in psutil.Process(sup.pid).children()}
+    assert sup.poll() is None
+    assert "received SIGHUP: restarting all workers gracefully" in log_text(project, "supervisor.log")
+    assert health(project).returncode == 0
+
+
+def test_a_second_supervisor_for_the_same_program_refuses_to_start(project, sups):
+    first = sups.start("async", *QUICK)
+    pid = wait_running(project, sups, ["async_00"])["async_00"]["pid"]
+    second = sups.start("async", *QUICK)
+    assert second.wait(timeout=20) == 2
+    assert re.fullmatch(r"jobrunner: error: another supervisor already runs program async on %s \(lock .+\)\n"
+                        % re.escape(str(project.db)), sups.output(second)), sups.output(second)
+    procs = supervised(status(project))
+    assert procs["async_00"]["pid"] == pid and procs["async_00"]["supervisor_pid"] == first.pid
+    # another program on the same database is another matter
+    other = sups.start("slow", *QUICK)
+    procs = wait_running(project, sups, ["async_00", "slow_00"])
+    assert procs["async_00"]["pid"] == pid and procs["slow_00"]["supervisor_pid"] == other.pid
+    assert first.poll() is None and other.poll() is None
+
+
+def test_killing_the_supervisor_stops_its_workers_and_frees_its_programs(project, sups):
+    sup = sups.start("slow", "--numprocs", 2, *QUICK)
+    procs = wait_running(project, sups, ["slow_00", "slow_01"])
+    pids = [p["pid"] for p in procs.values()]
+    dispatch(project, "slow", n=1, seconds=1)
+    busy = first_start(project)
+    sup.kill()
+    sup.wait()
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5, message="the orphaned workers to stop")
+    assert project.handled("note") == [("1", busy)]  # told to stop, it finished its message first
+    queues, failed = stats(project)
+    assert (queues["slow"]["ready"], queues["slow"]["in_flight"], failed) == (0, 0, 0)
+    again = sups.start("slow", "--numprocs", 2, *QUICK)
+    procs = wait_running(project, sups, ["slow_00", "slow_01"], exclude=pids)
+    assert {p["supervisor_pid"] for p in procs.values()} == {again.pid}
+
+
+def test_status_and_health_do_not_report_a_killed_supervisors_workers_as_running(project, sups):
+    sup = sups.start("slow", "--numprocs", 2, *QUICK)
+    pids = [p["pid"] for p in wait_running(project, sups, ["slow_00", "slow_01"]).values()]
+    sup.kill()
+    sup.wait()
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5, message="the orphaned workers to stop")
+    procs = status(project)["processes"]
+    assert [p for p in procs if p["state"] in ("RUNNING", "STARTING")] == [], procs
+    result = health(project)
+    assert result.returncode == 1
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+
+def test_worker_logs_rotate_at_the_configured_size_keeping_whole_lines(project, sups, app):
+    sups.start("async", "-v", "--log-max-bytes", 1000, "--log-backups", 2, *QUICK, env={"JOBRUNNER_APP": "supapp"})
+    wait_running(project, sups, ["async_00"])
+    app.dispatch_many("note", [{"n": i} for i in range(30)])
+    # a handler printing 20 lines (1.6 KB) in one write, then one more message
+    dispatch(project, "report", n="r", _env={"JOBRUNNER_APP": "supapp"})
+    dispatch(project, "note", n="last")
+    wait_until(lambda: len(project.handled("note")) == 32, message="32 messages")
+    wait_until(lambda: "message 32 handled by note" in log_text(project, "async_00.log"), timeout=5)
+    logs = project.path / "log"
+    assert sorted(os.listdir(logs)) == ["async_00.log", "async_00.log.1", "async_00.log.2", "supervisor.log"]
+    line = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d async_00\[\d+\] [A-Z]+ .*|report r line \d{3} x{60})\Z")
+    for name in ("async_00.log", "async_00.log.1", "async_00.log.2"):
+        data = (logs / name).read_bytes()
+        assert stat.S_IMODE(os.stat(logs / name).st_mode) == 0o600
+        assert 0 < len(data) <= 1000, "%s is %d bytes" % (name, len(data))
+        assert data.endswith(b"\n"), name
+        for text in data.decode().splitlines():
+            assert line.match(text), (name, text)
+    kept = "".join((logs / name).read_text() for name in ("async_00.log.2", "async_00.log.1", "async_00.log"))
+    assert kept.count("report r line") == 20  # the whole report, in order, across files
+    assert re.findall(r"report r line (\d{3})", kept) == ["%03d" % i for i in range(20)]
+    assert re.search(r"VERBOSE message 32 handled by note in [\d.]+ ms \(attempt 1\)\n\Z",
+                     (logs / "async_00.log").read_text())
+
+
+def test_log_rotation_defaults_are_10mb_and_3_backups(project):
+    result = project.cli("supervise", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert re.search(r"--log-max-bytes SIZE Rotate a log at this size\. \[default: 10MB\]", text)
+    assert re.search(r"--log-backups INTEGER RANGE Rotated logs to keep\. \[default: 3; x>=0\]", text)
+
+
+def test_supervise_help_names_the_states_as_supervisord_does(project):
+    text = " ".join(project.cli("supervise", "--help").stdout.split())
+    assert "--startsecs FLOAT RANGE Seconds up before RUNNING." in text
+    assert "--startretries INTEGER RANGE Quick exits before FATAL." in text
+
+
+# --- a supervisord-style config file ----------------------------------------------------------
+
+CONFIG = """\
+[supervise]
+log_dir = logs
+dsn = var/jobs.db
+
+[program:mail]
+command = consume async --time-limit=3600 --memory-limit=512M --sleep=1 -vv
+process_name = %(program_name)s_%(process_num)02d
+numprocs = 2
+autorestart = unexpected
+startsecs = 0.3
+startretries = 10
+stopwaitsecs = 5
+stdout_logfile_maxbytes = 2KB
+stdout_logfile_backups = 1
+
+[program:reports]
+command = consume high slow
+startsecs = 0.3
+"""
+
+NO_DSN_ENV = {"JOBRUNNER_DSN": ""}  # the database named in [supervise] only (see the next test)
+
+
+def test_a_config_file_runs_each_program_with_its_own_settings(project, sups, app):
+    (project.path / "workers.conf").write_text(CONFIG)
+    sup = sups.start("--config", "workers.conf", log_dir=None, env=NO_DSN_ENV)
+    procs = wait_running(project, sups, ["mail_00", "mail_01", "reports_00"])
+    mail = {procs["mail_00"]["pid"], procs["mail_01"]["pid"]}
+    assert {p["program"] for p in procs.values()} == {"mail", "reports"}
+    app.dispatch_many("note", [{"n": i} for i in range(80)])
+    app.dispatch_many("note_high", [{"n": i} for i in range(2)])
+    wait_until(lambda: len(project.handled("note")) == 80 and len(project.handled("high")) == 2, message="82 messages")
+    assert {pid for _, pid in project.handled("note")} <= mail
+    assert {pid for _, pid in project.handled("high")} == {procs["reports_00"]["pid"]}
+    logs = project.path / "logs"
+    names = sorted(os.listdir(logs))
+    assert {"mail_00.log", "mail_01.log", "reports_00.log", "supervisor.log"} <= set(names)
+    # 2 KB logs with one backup: 80 lines of -vv output rotate at least one of them, never twice over
+    assert any(n.endswith(".log.1") for n in names), names
+    assert set(names) <= {"mail_00.log", "mail_01.log", "reports_00.log", "supervisor.log", "mail_00.log.1",
+                          "mail_01.log.1"}, names
+    mail_logs = "".join((logs / n).read_text() for n in names if n.startswith("mail"))
+    assert "VERBOSE message" in mail_logs  # -vv in its command
+    assert "VERBOSE" not in log_text(project, "reports_00.log", "logs")
+    assert not (project.path / "log").exists() and not (project.path / "var" / "log").exists()
+    sup.send_signal(signal.SIGINT)  # Ctrl-C in the terminal it runs in
+    assert sup.wait(timeout=15) == 0
+    assert status(project) == {"processes": []}
+    assert "received SIGINT: stopping all workers" in log_text(project, "supervisor.log", "logs")
+    for name, p in procs.items():
+        assert not alive(p["pid"])
+
+
+def test_a_config_file_works_with_the_database_in_jobrunner_dsn(project, sups):
+    # JOBRUNNER_DSN is how the design says a deployment names its database; a config file must not refuse it
+    (project.path / "workers.conf").write_text("[program:mail]\ncommand = consume async\nstartsecs = 0.3\n")
+    sup = sups.start("--config", "workers.conf", log_dir=None)
+    wait_until(lambda: sup.poll() is not None or supervised(status(project, missing_ok=True)).get("mail_00"), timeout=5)
+    assert sup.poll() is None, sups.output(sup)
+    assert wait_running(project, sups, ["mail_00"])["mail_00"]["supervisor_pid"] == sup.pid
+
+
+@pytest.mark.parametrize("config, message", [
+    ("[program:mail]\nnumprocs = 2\n", "[program:mail] needs command = consume QUEUE... [options]"),
+    ("[program:mail]\ncommand = consume async\nnumprocz = 2\n", "[program:mail]: unknown setting 'numprocz'"),
+    ("[program:mail]\ncommand = consume nosuch\n", "unknown queue 'nosuch'"),
+    ("[program:mail]\ncommand = consume async\nautorestart = sometimes\n", "autorestart must be true, false or unexpected"),
+    ("[program:mail]\ncommand = consume async --limit=-1\n", "[program:mail] command: Invalid value for '--limit'"),
+    ("[program:mail]\ncommand = consume async\n[program:mail2]\ncommand = consume async --dsn other.db\n",
+     "[program:mail2]: set app and dsn once, in [supervise] or on the command line"),
+    ("[supervise]\nlog_dir = logs\n", "has no [program:NAME] section"),
+])
+def test_a_bad_config_file_is_refused_with_a_clear_message(project, config, message):
+    (project.path / "workers.conf").write_text(config)
+    result = project.cli("supervise", "--config", "workers.conf", "--dsn", project.db, timeout=20, env=NO_DSN_ENV)
+    assert result.returncode == 2
+    assert result.stderr.startswith("jobrunner: error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (project.path / "logs").exists() and not (project.path / "var" / "log").exists()
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+def test_health_checks_the_database_and_the_thresholds(project, app):
+    result = health(project)
+    assert result.returncode == 1
+    assert result.stdout.startswith("UNHEALTHY: no database at %s" % project.db), result.stdout
+    app.dispatch_many("note", [{"n": i} for i in range(3)])
+    result = health(project)
+    assert (result.returncode, result.stdout) == (0, "OK: 3 ready, 0 failed\n")
+    assert health(project, "--max-ready", 3).returncode == 0
+    result = health(project, "--max-ready", 2)
+    assert (result.returncode, result.stdout) == (1, "UNHEALTHY: 3 messages ready, more than 2\n")
+    assert health(project, "--max-age", 3600).returncode == 0
+    result = health(project, "--max-age", 0)
+    assert result.returncode == 1 and re.fullmatch(r"UNHEALTHY: oldest ready message waited [\d.]+s, more than 0s\n",
+                                                   result.stdout), result.stdout
+    app.dispatch("unrecoverable", {"n": 9})
+    assert project.cli("consume", "async", "--limit", 4).returncode == 0
+    assert health(project, "--max-failed", 1).returncode == 0
+    result = health(project, "--max-failed", 0, "--max-ready", 0, "--json")
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert data["healthy"] is False
+    assert data["reasons"] == ["1 failed messages, more than 0"]
+    assert data["stats"]["failed"] == 1
