@@ -22,6 +22,9 @@ def jobrunner(*args):
 
 
 def main():
+    for suffix in ("", "-wal", "-shm"):  # each run starts from an empty queue
+        if os.path.exists(jobs.settings.path + suffix):
+            os.remove(jobs.settings.path + suffix)
     print("database: %s" % jobs.setup())
     started = time.perf_counter()
     ids = jobs.dispatch_many("send_email", [{"to": "user%d@example.com" % i, "subject": "welcome"} for i in range(20)])
