@@ -278,19 +278,25 @@ _MAX_NESTING = 100
 
 def _encode_json(value):
     """Compact JSON; raises InvalidMessage for what JSON cannot carry (NaN, objects, lone surrogates, deep nesting)."""
-    stack = [(value, 1)]
-    while stack:  # iterative: a worker decodes whatever is stored, whatever its own stack depth
-        item, depth = stack.pop()
-        if depth > _MAX_NESTING:
-            raise InvalidMessage("payload is nested deeper than %d levels" % _MAX_NESTING)
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         text.encode("utf-8")  # SQLite stores UTF-8: a lone surrogate would fail later, in sqlite3
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidMessage("payload is not JSON-serializable: %s" % exc) from None
+    if text.count("[") + text.count("{") > _MAX_NESTING:  # cheap bound first; walk only when it could be deep
+        _check_nesting(value)
     return text
+
+
+def _check_nesting(value):
+    """Refuse what a worker could not decode at any stack depth; iterative, so it cannot overflow itself."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_NESTING:
+            raise InvalidMessage("payload is nested deeper than %d levels" % _MAX_NESTING)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
 
 
 @dataclasses.dataclass
