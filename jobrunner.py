@@ -747,7 +747,7 @@ class SqliteTransport(Transport):
         due = None
         for queue in queues:
             value = conn.execute(_SQL_NEXT_DUE, (queue,)).fetchall()[0][0]
-            if value is not None and (due is None or value < due):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (due is None or value < due):
                 due = value
         return due
 
@@ -1213,8 +1213,16 @@ class JobRunner:
     @contextlib.contextmanager
     def transaction(self):
         """A write transaction on the jobs database: your writes and the messages dispatched inside commit together."""
-        if self._current_conn() is not None:
-            yield self._current_conn()
+        conn = self._current_conn()
+        if conn is not None:  # nested: a savepoint, so this block rolls back alone when it raises
+            conn.execute("SAVEPOINT jobrunner_nested")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK TO jobrunner_nested")
+                conn.execute("RELEASE jobrunner_nested")
+                raise
+            conn.execute("RELEASE jobrunner_nested")
             return
         with self.transport.transaction(user_code=True) as conn:
             self._tx.conn = conn
@@ -1291,7 +1299,9 @@ def _find_app_spec(app=None):
         return None
     except (OSError, ValueError) as exc:
         raise ConfigurationError("cannot read ./pyproject.toml: %s" % exc) from None
-    spec = config.get("tool", {}).get("jobrunner", {}).get("app")
+    tool = config.get("tool")
+    section = tool.get("jobrunner") if isinstance(tool, dict) else None
+    spec = section.get("app") if isinstance(section, dict) else None
     if spec is not None and not isinstance(spec, str):
         raise ConfigurationError("[tool.jobrunner] app in ./pyproject.toml must be a string like \"myapp.jobs:jobs\"")
     return spec
@@ -1540,6 +1550,7 @@ class Worker:
         self._stop_reason = None
         self._waiter = None
         self._current = None  # (delivery, handler, headers) while a handler runs
+        self._interrupted = None  # the delivery a forced stop cut short
         self._deadline = None  # monotonic time past which the running handler is stuck
         self._alarm_armed = False
         self._signals_seen = 0
@@ -1613,9 +1624,10 @@ class Worker:
             _log.info("worker %s (pid %d) consuming %s from %s", self.name, os.getpid(), ", ".join(self.queues), self.transport.path)
             outcome = self._loop(started)
         except _ForcedStop as forced:
-            self.stop("received %s twice: stopped in the middle of a message" % forced, exit_code=1)
-            if self._current is not None:
-                outcome = _Outcome("release", self._current[0])
+            self._stop_reason = "received %s twice: stopped in the middle of a message" % forced
+            self.exit_code = 1
+            if self._interrupted is not None:  # not its fault: the attempt is given back
+                outcome = _Outcome("release", self._interrupted)
         finally:
             self._current = None
             if heartbeat is not None:
@@ -1662,7 +1674,7 @@ class Worker:
             outcome = self._process(delivery)
 
     def _idle(self, version, due, started):
-        timeout = max(self.sleep, 0.01)  # commits wake us anyway; never spin
+        timeout = min(max(self.sleep, 0.01), 3600.0)  # commits wake us anyway; never spin
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
         if self.time_limit is not None:
@@ -1739,6 +1751,15 @@ class Worker:
             if failure is None:
                 return self._succeeded(delivery, handler, started)
             return self._failed(delivery, handler, headers, failure)
+        except BaseException:
+            # a second signal (or SystemExit) in mid-handler: leave nothing open behind us
+            conn = self.transport.connection()
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            self.transport.reconnect()
+            self._interrupted = delivery
+            raise
         finally:
             self._current = None
 
@@ -1909,9 +1930,13 @@ class _Heartbeat(threading.Thread):
                 return
             try:
                 self._beat()
+                beaten = time.monotonic()
                 if failing:
                     _log.warning("database %s is writable again", self.transport.path)
-                    writable_since, failing = now, False
+                    writable_since, failing = beaten, False
+                elif beaten - now > interval:
+                    writable_since = beaten  # the beat waited for the write lock: nobody else could beat either
+                now = beaten
                 if now >= next_reap and now - writable_since >= 2 * interval:
                     # only once every live worker has had the chance to beat after an outage
                     next_reap = now + reap_every
@@ -2058,6 +2083,8 @@ class ProgramConfig:
             if not isinstance(value, int) or value < (1 if key == "numprocs" else 0):
                 raise ConfigurationError("%s of program %s must be a whole number >= %d, not %r"
                                          % (key, self.name, 1 if key == "numprocs" else 0, value))
+        if self.limit == 0 or self.time_limit == 0:
+            raise ConfigurationError("program %s: a limit of 0 would restart its workers in a loop" % self.name)
         for key in ("startsecs", "stopwaitsecs"):
             if not getattr(self, key) >= 0:
                 raise ConfigurationError("%s of program %s must be >= 0" % (key, self.name))
@@ -2245,6 +2272,7 @@ class Supervisor:
         self._selector = None
         self._wakeup = None
         self._last_sync = 0.0
+        self._contended_until = 0.0  # heartbeats are not judged before this (monotonic)
         self._log = logging.getLogger("jobrunner.supervisor")
 
     # Start-up
@@ -2569,8 +2597,11 @@ class Supervisor:
         if not force and now - self._last_sync < 1.0:
             return
         self._last_sync = now
+        interval = self.transport.settings.heartbeat_interval
         try:
+            asked = time.monotonic()
             with self.transport.transaction() as conn:
+                waited = time.monotonic() - asked
                 if last:
                     conn.executemany("DELETE FROM jobrunner_processes WHERE name = ?", [(p.name,) for p in self.processes])
                     return
@@ -2585,8 +2616,13 @@ class Supervisor:
                 )
                 beats = conn.execute("SELECT pid, beat_at FROM jobrunner_workers WHERE host = ? AND ppid = ?",
                                      (self.host, os.getpid())).fetchall()
-            self._kill_silent(dict(beats), time.time())
+            if waited > interval:
+                # the write lock was held (a long transaction): no worker could beat meanwhile
+                self._contended_until = time.monotonic() + 2 * interval
+            if time.monotonic() >= self._contended_until:
+                self._kill_silent(dict(beats), time.time())
         except JobRunnerError as exc:
+            self._contended_until = time.monotonic() + 2 * interval
             self._log.error("cannot record process states: %s", exc)
         finally:
             self.transport.close()
@@ -2892,7 +2928,7 @@ def _build_cli():
 
     @failed.command("show")
     @click.argument("message_id", type=int, required=False)
-    @click.option("--max", "max_", type=click.IntRange(min=1), default=50, show_default=True, help="How many to list.")
+    @click.option("--max", "max_", type=click.IntRange(min=1, max=2 ** 63 - 1), default=50, show_default=True, help="How many to list.")
     @click.option("--stats", "by_class", is_flag=True, help="Count failed messages by handler and error class.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.option("-v", "--verbose", "verbosity", count=True, help="With an id: show the traceback.")
@@ -2914,7 +2950,7 @@ def _build_cli():
             click.echo("%-15s %s" % ("created at", _format_time(e.created_at)))
             if e.headers.get("reason"):
                 click.echo("%-15s %s" % ("reason", e.headers["reason"]))
-            click.echo("%-15s %s" % ("payload", json.dumps(e.payload, ensure_ascii=False)))
+            click.echo("%-15s %s" % ("payload", json.dumps(e.payload, ensure_ascii=False, default=_json_safe)))
             if verbosity and e.headers.get("traceback"):
                 click.echo("\n" + e.headers["traceback"].rstrip())
             elif e.headers.get("traceback"):
@@ -2993,7 +3029,8 @@ def _build_cli():
     @click.option("--numprocs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
     @click.option("--log-dir", default="var/log", show_default=True, help="Where NAME_NN.log and supervisor.log go.")
     @click.option("--autorestart", type=click.Choice(_AUTORESTART), default="true", show_default=True,
-                  help="Restart workers that exit: always, never, or after a non-zero exit.")
+                  help="After a crash (non-zero exit), true and unexpected restart the worker, false leaves it EXITED. "
+                       "Workers that exit 0 (a limit reached, stop-workers) are always restarted.")
     @click.option("--startsecs", type=SECONDS, default=1.0, show_default=True, help="Seconds up before RUNNING.")
     @click.option("--startretries", type=COUNT, default=3, show_default=True, help="Quick exits before FATAL.")
     @click.option("--stopwaitsecs", type=SECONDS, default=10.0, show_default=True, help="Grace before SIGKILL.")
@@ -3087,7 +3124,7 @@ def _read_config(path, consume_command):
     try:
         with open(path) as f:
             parser.read_file(f)
-    except (OSError, configparser.Error) as exc:
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
         raise ConfigurationError("cannot read config %s: %s" % (path, exc)) from None
     section = {}
     for name in ("supervise", "supervisord"):
@@ -3099,7 +3136,10 @@ def _read_config(path, consume_command):
             continue
         options = dict(parser[name])
         program = name.split(":", 1)[1].strip()
-        command = shlex.split(options.pop("command", ""))
+        try:
+            command = shlex.split(options.pop("command", ""))
+        except ValueError as exc:
+            raise ConfigurationError("[%s] command: %s" % (name, exc)) from None
         if "consume" not in command:
             raise ConfigurationError("[%s] needs command = consume QUEUE... [options]" % name)
         args = command[command.index("consume") + 1:]

@@ -362,3 +362,34 @@ def test_a_bad_dsn_is_one_line_exit_2(project, stocked, dsn):
     assert_one_line_error(project.cli("dispatch", "note", '{"n": 1}', "--dsn", dsn))
     assert sorted(os.listdir(project.path)) == sorted(["var", "handled"])
     assert snapshot(project.db) == stocked
+
+
+# --- regressions: inputs that once printed a traceback ----------------------------------------
+
+
+def test_odd_inputs_give_one_line_and_exit_2(project, tmp_path):
+    project.cli("setup")
+    cases = [("failed", "show", "--max", "99999999999999999999")]
+    bad_quote = tmp_path / "quote.ini"
+    bad_quote.write_text('[program:w]\ncommand = consume "async\n')
+    not_utf8 = tmp_path / "latin.ini"
+    not_utf8.write_bytes(b"[program:w]\ncommand = consume async \xe9\xff\n")
+    cases += [("supervise", "--config", str(bad_quote)), ("supervise", "--config", str(not_utf8))]
+    for args in cases:
+        result = project.cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_a_pyproject_with_an_odd_tool_table_is_not_a_crash(project):
+    (project.path / "pyproject.toml").write_text('[tool]\njobrunner = "x"\n')
+    env = dict(project.env)
+    del env["JOBRUNNER_APP"]
+    import subprocess
+    import sys
+
+    from conftest import JOBRUNNER
+
+    result = subprocess.run([sys.executable, JOBRUNNER, "handlers"], cwd=project.path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "no app" in result.stderr and "Traceback" not in result.stderr

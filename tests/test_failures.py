@@ -694,3 +694,21 @@ def test_error_class_does_not_depend_on_how_the_worker_was_started(project, app)
     assert classes[in_process] == classes[from_cli]
     stats = cli_json(project, "failed", "show", "--stats")
     assert stats["groups"] == [{"handler": "unrecoverable", "error_class": classes[from_cli], "count": 2}]
+
+
+def test_a_nested_transaction_that_raises_rolls_back_alone(project, app):
+    app.setup()
+    with app.transaction() as db:
+        db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO ledger (n) VALUES (1)")
+        outer = app.dispatch("note", {"n": "outer"})
+        try:
+            with app.transaction():
+                db.execute("INSERT INTO ledger (n) VALUES (2)")
+                app.dispatch("note", {"n": "inner"})
+                raise RuntimeError("inner block fails")
+        except RuntimeError:
+            pass
+    conn = sqlite3.connect(str(project.db))
+    assert conn.execute("SELECT n FROM ledger").fetchall() == [(1,)]
+    assert conn.execute("SELECT id FROM messenger_messages").fetchall() == [(outer,)]

@@ -722,3 +722,34 @@ def test_health_checks_the_database_and_the_thresholds(project, app):
     assert data["healthy"] is False
     assert data["reasons"] == ["1 failed messages, more than 0"]
     assert data["stats"]["failed"] == 1
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def test_a_long_write_transaction_does_not_get_healthy_workers_killed(project, sups):
+    # While another connection holds the write lock, no worker can beat: that is not death.
+    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5&busy_timeout=10" % project.db
+    sups.start("async", "--numprocs", 2, *QUICK, env={"JOBRUNNER_DSN": dsn})
+    procs = wait_running(project, sups, ["async_00", "async_01"])
+    pids = {p["pid"] for p in procs.values()}
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(project.db), "3"], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    assert locker.wait(10) == 0
+    time.sleep(2)  # long enough for a supervisor that misjudged the silence to have killed someone
+    assert "killing it" not in log_text(project, "supervisor.log")
+    assert {p["pid"] for p in status(project)["processes"]} == pids
+
+
+def test_limits_of_zero_are_refused_because_they_would_restart_in_a_loop(project):
+    for option in ("--limit", "--time-limit"):
+        result = project.cli("supervise", "async", option, "0", "--log-dir", "log")
+        assert result.returncode == 2
+        assert "loop" in result.stderr and result.stderr.count("\n") == 1

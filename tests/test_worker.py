@@ -298,3 +298,51 @@ def test_every_payload_dispatch_accepts_is_handled_by_a_worker(project, app):
     assert result.returncode == 0, result.stderr[-2000:]
     assert project.values("note") == ["[" * depth + "1" + "]" * depth]
     assert messages(project.db) == []
+
+
+# --- regressions ----------------------------------------------------------------------
+
+
+def test_a_second_signal_interrupts_a_transactional_handler_and_leaves_nothing_locked(project, tmp_path):
+    app_file = tmp_path / "txslowapp.py"
+    app_file.write_text(
+        "import time\nfrom jobrunner import JobRunner\njobs = JobRunner(max_retries=0)\n"
+        "@jobs.handler(transactional=True)\ndef hold(db, n):\n"
+        "    db.execute('CREATE TABLE IF NOT EXISTS t (n)')\n    db.execute('INSERT INTO t VALUES (?)', (n,))\n"
+        "    open(%r, 'w').write('started')\n    time.sleep(30)\n" % str(tmp_path / "started"))
+    env = {"JOBRUNNER_APP": "txslowapp", "PYTHONPATH": "%s:%s" % (tmp_path, project.env["PYTHONPATH"])}
+    assert project.cli("dispatch", "hold", '{"n": 1}', env=env).returncode == 0
+    worker = project.start("consume", "async", env=env)
+    wait_until(lambda: (tmp_path / "started").exists(), message="the handler to start")
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    worker.send_signal(signal.SIGTERM)
+    code, err = finish(worker)
+    assert code == 1, err
+    assert "twice" in err and "Traceback" not in err
+    # the message is back, its attempt given back; its write rolled back; the database is not locked
+    assert messages(project.db) == [(1, "async", 0, 0)]
+    conn = sqlite3.connect(str(project.db), timeout=0.5)
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 't'").fetchall() in ([], [("t",)])
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("ROLLBACK")
+    assert worker_count(project.db) == 0
+
+
+def test_a_row_with_a_non_numeric_available_at_does_not_crash_the_worker(project, app):
+    app.dispatch("note", {"n": 1})
+    conn = sqlite3.connect(str(project.db))
+    with conn:
+        conn.execute("INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) "
+                     "VALUES ('{\"n\": 2}', '{\"handler\": \"note\"}', 'async', 0, 'soon')")
+    result = project.cli("consume", "async", "--time-limit", "1.5")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert project.values() == ["1"]
+
+
+def test_a_huge_sleep_is_accepted(project, app):
+    app.dispatch("note", {"n": 1})
+    result = project.cli("consume", "async", "--sleep", "1e10", "--limit", "1", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert project.values() == ["1"]
