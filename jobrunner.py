@@ -3146,7 +3146,8 @@ def _read_config(path, consume_command):
         try:
             ctx = consume_command.make_context("consume", args)
         except Exception as exc:
-            raise ConfigurationError("[%s] command: %s" % (name, getattr(exc, "format_message", lambda: exc)())) from None
+            detail = exc.format_message() if hasattr(exc, "format_message") else exc
+            raise ConfigurationError("[%s] command: %s" % (name, detail)) from None
         params = ctx.params
         if any(ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE for key in ("app_spec", "dsn")):
             raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)

@@ -2,24 +2,15 @@
 
 import json
 import os
-import sqlite3
 import stat
 import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import query, wait_until
 
 NO_APP = {"JOBRUNNER_APP": ""}
 NO_DSN = {"JOBRUNNER_DSN": ""}
-
-
-def query(db, sql, *params):
-    conn = sqlite3.connect(str(db))
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def snapshot(db):

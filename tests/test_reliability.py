@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from conftest import report, wait_until
+from conftest import hold_write_lock, report, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -150,22 +150,6 @@ def test_four_producers_four_consumers(project):
     report("4 producers and 4 consumers: %d messages in %.1fs, lost 0, handled twice 0" % (count, elapsed))
 
 
-LOCKER = textwrap.dedent("""
-    import sqlite3, sys, time
-    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-    conn.execute("BEGIN IMMEDIATE")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    conn.execute("COMMIT")
-""")
-
-
-def hold_write_lock(project, seconds):
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(project.db), str(seconds)], stdout=subprocess.PIPE, text=True)
-    assert locker.stdout.readline().strip() == "locked"
-    return locker
-
-
 def cpu_seconds(pid):
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
@@ -176,7 +160,7 @@ def test_write_lock_held_for_seconds_is_waited_out(project):
     worker = project.start("consume", "async", env=RELIAPP)
     fill(project, 50)
     wait_until(lambda: len(project.values()) == 50, message="the first batch")
-    locker = hold_write_lock(project, 3)
+    locker = hold_write_lock(project.db, 3)
     started = time.monotonic()
     producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "50", "50"], env=dict(project.env, **RELIAPP),
                                 cwd=project.path)
@@ -197,7 +181,7 @@ def test_write_lock_held_past_the_busy_timeout_gives_clear_errors(project):
     worker = project.start("consume", "async", env=env)
     fill(project, 10)
     wait_until(lambda: len(project.values()) == 10, message="the first batch")
-    locker = hold_write_lock(project, 5)
+    locker = hold_write_lock(project.db, 5)
     before = cpu_seconds(worker.pid)
     result = project.cli("dispatch", "work", '{"n": 10}', env=env)
     assert result.returncode == 1

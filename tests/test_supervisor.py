@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from conftest import JOBRUNNER, wait_until
+from conftest import JOBRUNNER, hold_write_lock, wait_until
 
 QUICK = ("--startsecs", "0.3")  # RUNNING 0.3 s after the fork: keeps the tests short
 
@@ -724,25 +724,13 @@ def test_health_checks_the_database_and_the_thresholds(project, app):
     assert data["stats"]["failed"] == 1
 
 
-LOCKER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("COMMIT")
-"""
-
-
 def test_a_long_write_transaction_does_not_get_healthy_workers_killed(project, sups):
     # While another connection holds the write lock, no worker can beat: that is not death.
     dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5&busy_timeout=10" % project.db
     sups.start("async", "--numprocs", 2, *QUICK, env={"JOBRUNNER_DSN": dsn})
     procs = wait_running(project, sups, ["async_00", "async_01"])
     pids = {p["pid"] for p in procs.values()}
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(project.db), "3"], stdout=subprocess.PIPE, text=True)
-    assert locker.stdout.readline().strip() == "locked"
-    assert locker.wait(10) == 0
+    assert hold_write_lock(project.db, 3).wait(10) == 0
     time.sleep(2)  # long enough for a supervisor that misjudged the silence to have killed someone
     assert "killing it" not in log_text(project, "supervisor.log")
     assert {p["pid"] for p in status(project)["processes"]} == pids

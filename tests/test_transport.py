@@ -12,7 +12,7 @@ import time
 import pytest
 
 import jobrunner
-from conftest import REPO, wait_until
+from conftest import REPO, query, wait_until
 from jobrunner import DatabaseLocked, InvalidMessage, JobRunner
 
 
@@ -21,14 +21,6 @@ def rows(db):
     conn = sqlite3.connect(str(db))
     try:
         return conn.execute("SELECT * FROM messenger_messages ORDER BY id").fetchall()
-    finally:
-        conn.close()
-
-
-def query(db, sql, *params):
-    conn = sqlite3.connect(str(db))
-    try:
-        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
 

@@ -10,15 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, wait_until
-
-
-def query(db, sql, *params):
-    conn = sqlite3.connect(str(db))
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+from conftest import REPO, query, wait_until
 
 
 def messages(db):
