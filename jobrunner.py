@@ -2824,19 +2824,22 @@ def _build_cli():
         """A durable SQLite job queue, its workers and their supervisor."""
 
     @cli.command()
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @app_options
-    def setup(app_spec, dsn):
+    def setup(as_json, app_spec, dsn):
         """Create the database and its tables (like messenger:setup-transports)."""
         _, transport = get_transport(app_spec, dsn)
-        click.echo("database ready: %s" % transport.setup())
+        path = transport.setup()
+        echo_json({"database": path}) if as_json else click.echo("database ready: %s" % path)
 
     @cli.command()
     @click.argument("name")
     @click.argument("payload", default="{}", required=False)
     @click.option("--queue", "-q", help="Queue to use instead of the handler's.")
     @click.option("--delay", type=SECONDS, default=0, show_default=True, help="Seconds before it may be handled.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @app_options
-    def dispatch(name, payload, queue, delay, app_spec, dsn):
+    def dispatch(name, payload, queue, delay, as_json, app_spec, dsn):
         """Enqueue a message for handler NAME with a JSON object PAYLOAD; print its id."""
         try:
             data = json.loads(payload)
@@ -2845,7 +2848,8 @@ def _build_cli():
         if not isinstance(data, dict):
             raise InvalidMessage("PAYLOAD must be a JSON object like '{\"to\": \"a@b.c\"}', not %s" % type(data).__name__)
         app = get_app(app_spec, dsn)
-        click.echo(app.dispatch(name, data, queue=queue, delay=delay))
+        message_id = app.dispatch(name, data, queue=queue, delay=delay)
+        echo_json({"id": message_id}) if as_json else click.echo(message_id)
 
     def limit_options(fn):
         for decorator in reversed([
@@ -2910,11 +2914,14 @@ def _build_cli():
         click.echo("failed: %d" % data["failed"])
 
     @cli.command("stop-workers")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @app_options
-    def stop_workers(app_spec, dsn):
+    def stop_workers(as_json, app_spec, dsn):
         """Ask every running worker on the database to finish its current message and exit."""
         _, transport = get_transport(app_spec, dsn)
         count = _request_stop_workers(transport)
+        if as_json:
+            return echo_json({"asked": count})
         click.echo("asked %d running worker(s) to stop after their current message" % count)
 
     @cli.group()
@@ -2979,15 +2986,16 @@ def _build_cli():
         if total > len(data):
             click.echo("(%d of %d shown; use --max)" % (len(data), total))
 
-    def act_on_failed(transport, ids, all_, force, verb, action):
+    def act_on_failed(transport, ids, all_, force, verb, action, as_json):
         if all_ and ids:
             raise click.UsageError("give message ids or --all, not both")
         if not ids and not all_:
             raise click.UsageError("give the ids of failed messages, or --all")
         # unknown ids: one clear error before anything changes
         targets = transport.failed_ids() if all_ else transport.check_failed_ids(ids)
+        done_key = {"retry": "requeued", "remove": "removed"}[verb]
         if not targets:
-            return click.echo("no failed messages")
+            return echo_json({done_key: 0}) if as_json else click.echo("no failed messages")
         if len(targets) > 1 and not force:
             click.confirm("%s %d failed messages?" % (verb.capitalize(), len(targets)), abort=True, err=True)
         done = 0
@@ -2999,27 +3007,29 @@ def _build_cli():
                     done += action(chunk, conn)
                 if bar:
                     bar.update(len(chunk))
-        click.echo("%s %d message(s)" % ({"retry": "requeued", "remove": "removed"}[verb], done))
+        echo_json({done_key: done}) if as_json else click.echo("%s %d message(s)" % (done_key, done))
 
     @failed.command("retry")
     @click.argument("ids", type=int, nargs=-1)
     @click.option("--all", "all_", is_flag=True, help="Every failed message.")
     @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @app_options
-    def failed_retry(ids, all_, force, app_spec, dsn):
+    def failed_retry(ids, all_, force, as_json, app_spec, dsn):
         """Put failed messages back on their original queues, with their attempt count reset."""
         _, transport = get_transport(app_spec, dsn)
-        act_on_failed(transport, ids, all_, force, "retry", transport.requeue_failed)
+        act_on_failed(transport, ids, all_, force, "retry", transport.requeue_failed, as_json)
 
     @failed.command("remove")
     @click.argument("ids", type=int, nargs=-1)
     @click.option("--all", "all_", is_flag=True, help="Every failed message.")
     @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @app_options
-    def failed_remove(ids, all_, force, app_spec, dsn):
+    def failed_remove(ids, all_, force, as_json, app_spec, dsn):
         """Delete failed messages for good."""
         _, transport = get_transport(app_spec, dsn)
-        act_on_failed(transport, ids, all_, force, "remove", transport.remove_failed)
+        act_on_failed(transport, ids, all_, force, "remove", transport.remove_failed, as_json)
 
     @cli.command()
     @click.argument("queues", nargs=-1)
