@@ -384,3 +384,15 @@ def test_a_pyproject_with_an_odd_tool_table_is_not_a_crash(project):
     result = subprocess.run([sys.executable, JOBRUNNER, "handlers"], cwd=project.path, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 2 and "no app" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_command_that_prints_data_can_print_json(project):
+    import json
+
+    assert json.loads(project.cli("setup", "--json").stdout) == {"database": str(project.db)}
+    first = json.loads(project.cli("dispatch", "always_fails", '{"n": 1}', "--json").stdout)["id"]
+    assert json.loads(project.cli("stop-workers", "--json").stdout) == {"asked": 0}
+    assert project.cli("consume", "async", "--time-limit", "2").returncode == 0
+    assert [m["id"] for m in json.loads(project.cli("failed", "show", "--json").stdout)["failed"]] == [first]
+    assert json.loads(project.cli("failed", "retry", str(first), "--json").stdout) == {"requeued": 1}
+    assert json.loads(project.cli("failed", "remove", "--all", "--force", "--json").stdout) == {"removed": 0}
