@@ -599,15 +599,31 @@ class SqliteTransport(Transport):
                 conn.set_trace_callback(functools.partial(_log.log, _SQL_TRACE, "sql: %s"))
             conn.execute("PRAGMA synchronous = %s" % self.settings.synchronous)
             conn.execute("PRAGMA journal_size_limit = %d" % int(self.settings.journal_size_limit))
-            version = conn.execute("PRAGMA user_version").fetchall()[0][0]
-            if version < _SCHEMA_VERSION:
-                self._create_schema(conn)
-            elif conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            self._initialize(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise _storage_error(exc, path) from None
         return conn
+
+    def _initialize(self, conn):
+        """Create the schema and switch to WAL if not done yet.
+
+        Two processes opening a new file at once can get SQLITE_BUSY at once,
+        without the busy handler (SQLite refuses to wait where waiting could
+        deadlock while the file is still in rollback mode): retry a while.
+        """
+        deadline = time.monotonic() + self.settings.busy_timeout
+        while True:
+            try:
+                if conn.execute("PRAGMA user_version").fetchall()[0][0] < _SCHEMA_VERSION:
+                    self._create_schema(conn)
+                elif conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL").fetchall()
+                return
+            except sqlite3.OperationalError as exc:
+                if not ("locked" in str(exc) or "busy" in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.02))
 
     def _create_schema(self, conn):
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]

@@ -474,3 +474,38 @@ def test_wal_stays_bounded_under_constant_dispatch_and_consume(project):
     for w in workers:
         assert w.poll() is None, w.communicate()[1]
     app.transport.close()
+
+
+def _open_and_use(path, writer, results):
+    import jobrunner as jr
+
+    try:
+        transport = jr.SqliteTransport(jr.Settings(path))
+        if writer:
+            with transport.transaction(transport.connection()) as conn:
+                conn.execute("INSERT INTO jobrunner_control VALUES ('x', 1)")
+        else:
+            while not os.path.exists(path):
+                pass
+            jr._read_status(transport)
+        results.put("ok")
+    except Exception as exc:  # reported, not raised: the parent counts them
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path):
+    # A new file is still in rollback mode: SQLite may answer SQLITE_BUSY at once, without waiting.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for trial in range(250):
+        path = str(tmp_path / ("new-%d.db" % trial))
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_open_and_use, args=(path, writer, results)) for writer in (True, False, False)]
+        for p in procs:
+            p.start()
+        outcomes += [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join()
+    assert [o for o in outcomes if o != "ok"] == []
