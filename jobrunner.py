@@ -796,8 +796,12 @@ class SqliteTransport(Transport):
             "UPDATE messenger_messages SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
             "WHERE delivered_at IS NOT NULL AND delivered_at < ? "
             "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers))",
-            (now, now - min(self.settings.redeliver_timeout, self.settings.heartbeat_timeout * 2)),
+            (now, now - self.unowned_after()),
         ).rowcount
+
+    def unowned_after(self):
+        """Seconds after which a claim with no known worker is released."""
+        return min(self.settings.redeliver_timeout, self.settings.heartbeat_timeout * 2)
 
     # Reading
 
@@ -1405,22 +1409,21 @@ def _release_dead_workers(transport, host, now=None):
     settings = transport.settings
     now = now or time.time()
     conn = transport.connection()
+    silent_since = now - settings.heartbeat_timeout
     rows = conn.execute("SELECT id, host, pid, beat_at FROM jobrunner_workers").fetchall()
-    dead = [wid for wid, whost, pid, beat in rows
-            if beat < now - settings.heartbeat_timeout or (whost == host and not _pid_alive(pid))]
+    gone = {wid for wid, whost, pid, _ in rows if whost == host and not _pid_alive(pid)}  # gone stays gone
+    dead = [wid for wid, _, _, beat in rows if beat < silent_since or wid in gone]
     unowned = conn.execute(
         "SELECT 1 FROM messenger_messages WHERE delivered_at IS NOT NULL AND delivered_at < ? "
         "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
-        (now - min(settings.redeliver_timeout, settings.heartbeat_timeout * 2),),
+        (now - transport.unowned_after(),),
     ).fetchall()
     if not dead and not unowned:
         return 0
     with transport.transaction(conn):
-        # re-read under the write lock: a worker may have beaten since
-        fresh = {wid: beat for wid, beat in conn.execute("SELECT id, beat_at FROM jobrunner_workers").fetchall()}
-        dead = [wid for wid in dead if wid in fresh]
-        dead = [wid for wid in dead if fresh[wid] < now - settings.heartbeat_timeout
-                or any(r[0] == wid and r[1] == host and not _pid_alive(r[2]) for r in rows)]
+        # re-read under the write lock: a silent worker may have beaten since
+        fresh = dict(conn.execute("SELECT id, beat_at FROM jobrunner_workers").fetchall())
+        dead = [wid for wid in dead if wid in fresh and (wid in gone or fresh[wid] < silent_since)]
         released = transport.release(dead, conn)
         conn.executemany("DELETE FROM jobrunner_workers WHERE id = ?", [(wid,) for wid in dead])
         released += transport.release_unowned(conn, now)
