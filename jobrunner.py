@@ -35,6 +35,7 @@ __all__ = [
     "main",
 ]
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -115,6 +116,7 @@ class HandlerTimeout(JobRunnerError):
 # --- DSN and settings ---------------------------------------------------------
 
 _KIB, _MIB = 1024, 1024 * 1024
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -141,6 +143,8 @@ class Settings:
     max_body_bytes: int = 1 * _MIB
     #: claims with no known worker (written by other tools) are redelivered after this
     redeliver_timeout: float = 3600.0
+    #: the messages table, as Symfony's ``table_name``
+    table: str = "messenger_messages"
 
     def __post_init__(self):
         sync = str(self.synchronous).upper()
@@ -154,6 +158,8 @@ class Settings:
             raise ConfigurationError("heartbeat_timeout must be at least three heartbeat_interval")
         if self.max_body_bytes <= 0 or self.journal_size_limit < 0:
             raise ConfigurationError("max_body_bytes and journal_size_limit must be positive")
+        if not isinstance(self.table, str) or not _IDENTIFIER.match(self.table) or self.table.startswith("jobrunner_"):
+            raise ConfigurationError("table must be a lowercase SQL name (letters, digits, _), not %r" % (self.table,))
 
     @classmethod
     def from_dsn(cls, dsn, **overrides):
@@ -233,29 +239,6 @@ def _pid_alive(pid):
     except PermissionError:
         return True
     return True
-
-
-def _rss_bytes(_cache={}):
-    """This process's resident memory, from psutil when installed, else /proc."""
-    proc = _cache.get(os.getpid())
-    if proc is None:
-        try:
-            import psutil
-        except ImportError:
-            proc = False
-        else:
-            proc = psutil.Process()
-        _cache.clear()
-        _cache[os.getpid()] = proc
-    if proc:
-        return proc.memory_info().rss
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB
 
 
 # --- Serialization and the message envelope ------------------------------------
@@ -353,10 +336,6 @@ def _tolerant_text(conn):
         conn.text_factory = str
 
 
-def _is_decode_error(exc):
-    return isinstance(exc, sqlite3.OperationalError) and "decode" in str(exc).lower()
-
-
 def _decode_headers(text):
     try:
         headers = json.loads(text)
@@ -402,117 +381,140 @@ def _envelope_from_row(row):
 
 
 # --- Transports -----------------------------------------------------------------
+#
+# One class owns the queue's flow and every SQL statement, written once with
+# ``?`` placeholders and named; a subclass per database supplies connecting,
+# transactions, the claim's lock clause and the way an idle worker waits.
+# Nothing outside this section speaks SQL.
 
-
-class Transport:
-    """Where messages are stored. SQLite is the one shipped; another database implements these verbs.
-
-    A *claim* marks a message as delivered to one worker; every later verb on
-    that message (``ack``, ``retry``, ``fail``) is fenced by the claim, so a
-    worker whose claim was released (because it was thought dead) cannot
-    acknowledge a message that another worker now holds.
-    """
-
-    def setup(self):
-        """Create the storage (idempotent)."""
-        raise NotImplementedError
-
-    def send(self, messages, conn=None):
-        """Store ``(queue, body, headers, available_at)`` tuples in one transaction; return their ids."""
-        raise NotImplementedError
-
-    def claim(self, queues, worker_id, settle=None):
-        """Settle the previous outcome, then claim the first available message of the first non-empty queue."""
-        raise NotImplementedError
-
-    def settle(self, outcome, conn=None):
-        """Apply one outcome (``ack``, ``retry``, ``fail`` or ``release``); False when the claim was lost."""
-        raise NotImplementedError
-
-    def release(self, worker_ids, conn=None):
-        """Make the messages claimed by these workers available again."""
-        raise NotImplementedError
-
-    def stats(self):
-        """Per queue ready, delayed and in-flight counts, the oldest ready message, and the failed count."""
-        raise NotImplementedError
-
-
-_SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messenger_messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    body TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    queue_name TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    available_at REAL NOT NULL,
-    delivered_at REAL,
-    claimed_by INTEGER,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
--- Only unclaimed rows: claimed ones would sit in the claim's ORDER BY and force a sort.
-CREATE INDEX IF NOT EXISTS messenger_messages_ready
-    ON messenger_messages (queue_name, available_at, id) WHERE delivered_at IS NULL;
-CREATE INDEX IF NOT EXISTS messenger_messages_claimed
-    ON messenger_messages (claimed_by) WHERE delivered_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS jobrunner_workers (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    ppid INTEGER NOT NULL,
-    queues TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    beat_at REAL NOT NULL,
-    handled INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    rss_bytes INTEGER,
-    message_id INTEGER
-);
-CREATE INDEX IF NOT EXISTS jobrunner_workers_beat ON jobrunner_workers (beat_at);
-CREATE TABLE IF NOT EXISTS jobrunner_processes (
-    name TEXT PRIMARY KEY,
-    program TEXT NOT NULL,
-    host TEXT NOT NULL,
-    supervisor_pid INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    pid INTEGER,
-    state_since REAL NOT NULL,
-    started_at REAL,
-    updated_at REAL NOT NULL,
-    description TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS jobrunner_control (
-    key TEXT PRIMARY KEY,
-    value REAL NOT NULL
-);
-"""
-
-_COLUMNS = "id, body, headers, queue_name, created_at, available_at, delivered_at, attempts"
-
-_SQL_INSERT = "INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) VALUES (?, ?, ?, ?, ?)"
-_SQL_CLAIM = (
-    "UPDATE messenger_messages SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
-    "WHERE id = (SELECT id FROM messenger_messages WHERE queue_name = ? AND delivered_at IS NULL "
-    "AND available_at <= ? ORDER BY available_at, id LIMIT 1) "
-    "RETURNING id, body, headers, queue_name, created_at, available_at, attempts"
-)
-_SQL_NEXT_DUE = "SELECT MIN(available_at) FROM messenger_messages WHERE queue_name = ? AND delivered_at IS NULL"
-_FENCE = " WHERE id = ? AND claimed_by = ? AND attempts = ?"
-_SQL_SETTLE = {
-    "ack": "DELETE FROM messenger_messages" + _FENCE,
-    "retry": "UPDATE messenger_messages SET delivered_at = NULL, claimed_by = NULL, available_at = ?, headers = ?" + _FENCE,
-    "fail": "UPDATE messenger_messages SET queue_name = '" + FAILED_QUEUE + "', delivered_at = NULL, claimed_by = NULL, "
-    "available_at = ?, headers = ?" + _FENCE,
-    # a release gives back an attempt the worker never really made (it was told to stop)
-    "release": "UPDATE messenger_messages SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1" + _FENCE,
+_SQL_TYPES = {
+    "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "real": "REAL", "text": "TEXT"},
+    "postgresql": {"pk": "BIGSERIAL PRIMARY KEY", "int": "BIGINT", "real": "DOUBLE PRECISION", "text": "TEXT"},
 }
 
-# Connections inherited across fork.  SQLite forbids using them in the child and
-# closing one could checkpoint and delete the parent's WAL, so they are kept
-# referenced here and never touched again.
-_INHERITED_CONNECTIONS = []
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {messages} (
+    id {pk},
+    body {text} NOT NULL,
+    headers {text} NOT NULL,
+    queue_name VARCHAR(190) NOT NULL,
+    created_at {real} NOT NULL,
+    available_at {real} NOT NULL,
+    delivered_at {real},
+    claimed_by {int},
+    attempts {int} NOT NULL DEFAULT 0
+);
+-- Only unclaimed rows: claimed ones would sit in the claim's ORDER BY and force a sort.
+CREATE INDEX IF NOT EXISTS {messages}_ready ON {messages} (queue_name, available_at, id) WHERE delivered_at IS NULL;
+CREATE INDEX IF NOT EXISTS {messages}_claimed ON {messages} (claimed_by) WHERE delivered_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS jobrunner_workers (
+    id {pk},
+    name {text} NOT NULL,
+    host {text} NOT NULL,
+    pid {int} NOT NULL,
+    ppid {int} NOT NULL,
+    queues {text} NOT NULL,
+    started_at {real} NOT NULL,
+    beat_at {real} NOT NULL,
+    beats {int} NOT NULL DEFAULT 0,
+    handled {int} NOT NULL DEFAULT 0,
+    failed {int} NOT NULL DEFAULT 0,
+    rss_bytes {int},
+    message_id {int}
+);
+CREATE TABLE IF NOT EXISTS jobrunner_processes (
+    name {text} PRIMARY KEY,
+    program {text} NOT NULL,
+    host {text} NOT NULL,
+    supervisor_pid {int} NOT NULL,
+    state {text} NOT NULL,
+    pid {int},
+    state_since {real} NOT NULL,
+    started_at {real},
+    updated_at {real} NOT NULL,
+    description {text} NOT NULL DEFAULT '',
+    exit_status {int}
+);
+CREATE TABLE IF NOT EXISTS jobrunner_control (
+    key {text} PRIMARY KEY,
+    value {real} NOT NULL
+)
+"""
+
+# Columns added to tables that exist already: a table created by Symfony, or by an older jobrunner.
+_ADDED_COLUMNS = {
+    "{messages}": [("claimed_by", "{int}"), ("attempts", "{int} NOT NULL DEFAULT 0")],
+    "jobrunner_workers": [("beats", "{int} NOT NULL DEFAULT 0")],
+    "jobrunner_processes": [("exit_status", "{int}")],
+}
+_OUR_TABLES = ("{messages}", "jobrunner_workers", "jobrunner_processes", "jobrunner_control")
+
+_FENCE = " WHERE id = ? AND claimed_by = ? AND attempts = ?"
+_MESSAGE_COLUMNS = "id, body, headers, queue_name, created_at, available_at, delivered_at, attempts"
+
+_SQL = {
+    "insert": "INSERT INTO {messages} (body, headers, queue_name, created_at, available_at) VALUES (?, ?, ?, ?, ?)",
+    "claim": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
+             "WHERE id = (SELECT id FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL AND available_at <= ? "
+             "ORDER BY available_at, id LIMIT 1{lock}) "
+             "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
+    "next_due": "SELECT MIN(available_at) FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL",
+    "ack": "DELETE FROM {messages}" + _FENCE,
+    "retry": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ?, headers = ?" + _FENCE,
+    "fail": "UPDATE {messages} SET queue_name = 'failed', delivered_at = NULL, claimed_by = NULL, available_at = ?, "
+            "headers = ?" + _FENCE,
+    # a release gives back an attempt the worker never really made (it was told to stop, or the lock was busy)
+    "release": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1" + _FENCE,
+    "release_worker": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
+                      "WHERE claimed_by = ? AND delivered_at IS NOT NULL",
+    "any_unowned": "SELECT 1 FROM {messages} WHERE delivered_at IS NOT NULL AND delivered_at < ? "
+                   "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
+    "release_unowned": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
+                       "WHERE delivered_at IS NOT NULL AND delivered_at < ? "
+                       "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers))",
+    "stats_waiting": "SELECT queue_name, SUM(CASE WHEN available_at <= ? THEN 1 ELSE 0 END), "
+                     "SUM(CASE WHEN available_at > ? THEN 1 ELSE 0 END), MIN(available_at) "
+                     "FROM {messages} WHERE delivered_at IS NULL GROUP BY queue_name",
+    "stats_claimed": "SELECT queue_name, COUNT(*) FROM {messages} WHERE delivered_at IS NOT NULL GROUP BY queue_name",
+    "consumed_queues": "SELECT DISTINCT queues FROM jobrunner_workers",
+    "get": "SELECT " + _MESSAGE_COLUMNS + " FROM {messages} WHERE id = ?",
+    "failed": "SELECT " + _MESSAGE_COLUMNS + " FROM {messages} WHERE queue_name = 'failed' "
+              "ORDER BY available_at DESC, id DESC",
+    "failed_in": "SELECT " + _MESSAGE_COLUMNS + " FROM {messages} WHERE queue_name = 'failed' AND id {in_ids} "
+                 "ORDER BY available_at DESC, id DESC",
+    "failed_count": "SELECT COUNT(*) FROM {messages} WHERE queue_name = 'failed'",
+    "failed_ids": "SELECT id FROM {messages} WHERE queue_name = 'failed' ORDER BY id",
+    "failed_found": "SELECT id FROM {messages} WHERE queue_name = 'failed' AND id {in_ids}",
+    "requeue": "UPDATE {messages} SET queue_name = ?, headers = ?, attempts = 0, available_at = ?, delivered_at = NULL, "
+               "claimed_by = NULL WHERE id = ? AND queue_name = 'failed'",
+    "remove_failed": "DELETE FROM {messages} WHERE queue_name = 'failed' AND id {in_ids}",
+    "worker_insert": "INSERT INTO jobrunner_workers (name, host, pid, ppid, queues, started_at, beat_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    "worker_beat": "UPDATE jobrunner_workers SET beat_at = ?, beats = beats + 1, handled = ?, failed = ?, rss_bytes = ?, "
+                   "message_id = ? WHERE id = ?",
+    "worker_delete": "DELETE FROM jobrunner_workers WHERE id = ?",
+    "workers": "SELECT id, host, pid, ppid, beats FROM jobrunner_workers",
+    "workers_started_before": "SELECT COUNT(*) FROM jobrunner_workers WHERE started_at <= ?",
+    "worker_children": "SELECT id, pid, beats FROM jobrunner_workers WHERE host = ? AND ppid = ?",
+    "control_get": "SELECT value FROM jobrunner_control WHERE key = ?",
+    "control_set": "INSERT INTO jobrunner_control (key, value) VALUES (?, ?) "
+                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "process_upsert": "INSERT INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
+                      "started_at, updated_at, description, exit_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                      "ON CONFLICT (name) DO UPDATE SET program = excluded.program, host = excluded.host, "
+                      "supervisor_pid = excluded.supervisor_pid, state = excluded.state, pid = excluded.pid, "
+                      "state_since = excluded.state_since, started_at = excluded.started_at, "
+                      "updated_at = excluded.updated_at, description = excluded.description, "
+                      "exit_status = excluded.exit_status",
+    "process_delete": "DELETE FROM jobrunner_processes WHERE name = ?",
+    "program_delete": "DELETE FROM jobrunner_processes WHERE program = ?",
+    "status_processes": "SELECT name, program, host, supervisor_pid, state, pid, state_since, started_at, updated_at, "
+                        "description, exit_status FROM jobrunner_processes ORDER BY name",
+    "status_workers": "SELECT name, host, pid, ppid, started_at, beat_at, handled, failed, rss_bytes, queues "
+                      "FROM jobrunner_workers ORDER BY name",
+}
+
+_STOP_KEY = "stop_workers_at"
 
 
 @dataclasses.dataclass
@@ -532,7 +534,592 @@ class _Outcome:
         return fence
 
 
-def _storage_error(exc, path):
+class Transport:
+    """Where messages are stored, and the verbs every backend implements the same way.
+
+    A *claim* marks a message as delivered to one worker; every later verb on
+    that message (``ack``, ``retry``, ``fail``, ``release``) is fenced by the
+    claim, so a worker whose claim was released (because it was thought dead)
+    cannot settle a message that another worker now holds.  Subclasses supply
+    connecting (:meth:`_open`), the schema check, transactions and waiting.
+    """
+
+    dialect = None
+    #: appended to the claim's sub-select; PostgreSQL skips rows other workers are claiming
+    lock_clause = ""
+    #: how a statement matches a list of ids given as one parameter
+    in_ids = "IN (SELECT value FROM json_each(?))"
+    begin_sql = "BEGIN"
+    #: the errors of the driver, mapped by :meth:`_error`
+    driver_errors = ()
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.table = settings.table
+        self._local = threading.local()
+        self._schema_checked = None  # pid that saw our tables exist
+        names = {"messages": self.table, "lock": self.lock_clause, "in_ids": self.in_ids}
+        self.sql = {name: self._placeholders(text.format(**names)) for name, text in _SQL.items()}
+
+    def __repr__(self):
+        return "<%s %s>" % (type(self).__name__, self.where)
+
+    @property
+    def where(self):
+        """The database, as messages and logs name it (no password)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _placeholders(sql):
+        return sql
+
+    # Connections: one per thread, opened on first use, never carried across fork.
+
+    def connection(self, create=True):
+        """This thread's connection (autocommit; transactions are explicit).
+
+        ``create`` makes the database and its tables if needed; without it a
+        database lacking our tables is an error and nothing is written.
+        """
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and local.pid != os.getpid():
+            self._forget_inherited(conn)
+            conn = None
+        if conn is None:
+            conn = self._open(create)
+            local.conn, local.pid, local.ready = conn, os.getpid(), False
+        if not local.ready and (create or self._schema_checked != os.getpid()):
+            try:
+                if create:
+                    self._ensure_schema(conn)
+                elif not self._has_schema(conn):
+                    raise StorageError("%s has no jobrunner tables: run `jobrunner setup` (or dispatch a message) first"
+                                       % self.where)
+            except self.driver_errors as exc:
+                self.reconnect()
+                raise self._error(exc) from None
+            except BaseException:
+                self.reconnect()
+                raise
+            self._schema_checked = os.getpid()
+            local.ready = create
+        return conn
+
+    def _forget_inherited(self, conn):
+        """A connection inherited across fork must not be used (nor, for SQLite, closed)."""
+
+    def reconnect(self):
+        """Drop this thread's connection: after a failure the next use starts clean."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        local.conn = None
+        if conn is not None and local.pid == os.getpid():
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    close = reconnect
+
+    def _ensure_schema(self, conn):
+        """Create our tables, or add our columns to tables that exist (Symfony's, an older jobrunner's)."""
+        types = dict(_SQL_TYPES[self.dialect], messages=self.table)
+        with self.transaction(conn):
+            for statement in _SCHEMA.format(**types).split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():
+                table = table.format(**types)
+                present = self._columns(conn, table)
+                for column, ddl in columns:
+                    if column not in present:
+                        conn.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, ddl.format(**types)))
+
+    def _has_schema(self, conn):
+        raise NotImplementedError
+
+    def _columns(self, conn, table):
+        raise NotImplementedError
+
+    def _error(self, exc):
+        """A driver error as a one-line StorageError that names the database."""
+        return StorageError("database %s: %s" % (self.where, exc))
+
+    @contextlib.contextmanager
+    def transaction(self, conn=None, user_code=False):
+        """A write transaction, rolled back on any exception.
+
+        Driver errors become StorageError, except those of ``user_code``.
+        """
+        conn = conn or self.connection()
+        try:
+            conn.execute(self.begin_sql)
+        except self.driver_errors as exc:
+            self.reconnect()
+            raise self._error(exc) from None
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            self._rollback(conn)
+            if isinstance(exc, self.driver_errors) and not user_code:
+                raise self._error(exc) from exc
+            raise
+
+    def _rollback(self, conn):
+        """Roll back if a transaction is open; a connection that cannot is dropped."""
+        try:
+            if self._in_transaction(conn):
+                conn.execute("ROLLBACK")
+        except self.driver_errors:
+            self.reconnect()
+
+    def _in_transaction(self, conn):
+        raise NotImplementedError
+
+    def _rows(self, name, params=(), conn=None, create=False):
+        """All rows of a named read, driver errors mapped."""
+        try:
+            return (conn or self.connection(create=create)).execute(self.sql[name], params).fetchall()
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
+
+    def setup(self):
+        """Create the database and its tables (idempotent); return where it is."""
+        self.connection()
+        return self.where
+
+    # Messages
+
+    def send(self, messages, conn=None):
+        """Store ``(queue, body, headers, available_at)`` tuples; return their ids.
+
+        With ``conn`` inside an open transaction the rows join it; otherwise
+        they commit before this returns.
+        """
+        now = time.time()
+        rows = [(body, headers, queue, now, now if available_at is None else available_at)
+                for queue, body, headers, available_at in messages]
+        if conn is None:
+            conn = self.connection()
+        try:
+            if len(rows) == 1:
+                return [self._insert_one(conn, rows[0])]
+            if self._in_transaction(conn):
+                return self._insert_many(conn, rows)
+            with self.transaction(conn):
+                return self._insert_many(conn, rows)
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
+
+    def _insert_one(self, conn, row):
+        return conn.execute(self.sql["insert"] + " RETURNING id", row).fetchall()[0][0]
+
+    def _insert_many(self, conn, rows):
+        return [self._insert_one(conn, row) for row in rows]
+
+    def claim(self, queues, worker_id, settle=None):
+        """Settle ``settle`` (the previous message's outcome), then claim the next message.
+
+        Both happen in one transaction, so a busy worker writes once per
+        message.  Returns ``(delivery, settled, token, due)``: ``settled`` is
+        False when the previous claim had been lost and its outcome refused;
+        with no delivery, ``token`` is what :meth:`waiter` waits on and
+        ``due`` when the next delayed message becomes available.
+        """
+        conn = self.connection()
+        try:
+            return self._claim(conn, queues, worker_id, settle)
+        except StorageError as exc:
+            if not self._is_decode_error(exc.__cause__):
+                raise
+            with self._tolerant_text(conn):  # a row that is not UTF-8: claim it as bytes, it will fail as poison
+                return self._claim(conn, queues, worker_id, settle)
+
+    def _claim(self, conn, queues, worker_id, settle):
+        settled = True
+        token = due = row = None
+        sql = self.sql
+        try:
+            conn.execute(self.begin_sql)
+            try:
+                if settle is not None:
+                    settled = conn.execute(sql[settle.kind], settle.params()).rowcount == 1
+                now = time.time()
+                for queue in queues:
+                    rows = conn.execute(sql["claim"], (now, worker_id, queue, now)).fetchall()
+                    if rows:
+                        row = rows[0]
+                        break
+                else:
+                    token = self._wait_token(conn)  # read under the lock: any later commit changes it
+                    due = self._next_due(conn, queues)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+        except self.driver_errors as exc:
+            raise self._error(exc) from exc
+        if row is None:
+            return None, settled, token, due
+        return _Delivery(*row, worker_id), settled, None, None
+
+    def _wait_token(self, conn):
+        return None
+
+    def next_due(self, queues):
+        """When the earliest unclaimed message of these queues becomes available (None if none)."""
+        try:
+            return self._next_due(self.connection(), queues)
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
+
+    def _next_due(self, conn, queues):
+        due = None
+        for queue in queues:
+            value = conn.execute(self.sql["next_due"], (queue,)).fetchall()[0][0]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (due is None or value < due):
+                due = value
+        return due
+
+    def settle(self, outcome, conn=None):
+        """Apply one outcome; False when the claim had been lost (the outcome is refused)."""
+        try:
+            if conn is not None:
+                return conn.execute(self.sql[outcome.kind], outcome.params()).rowcount == 1
+            with self.transaction() as conn:
+                return conn.execute(self.sql[outcome.kind], outcome.params()).rowcount == 1
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
+
+    # Transactional handlers: their writes, their dispatches and the ack commit together.
+
+    def begin_handler(self):
+        """A connection inside a new write transaction for a transactional handler.
+
+        DatabaseLocked when another connection held the write lock too long:
+        the message goes back to the queue without spending an attempt.
+        """
+        conn = self.connection()
+        try:
+            conn.execute(self.begin_sql)
+        except self.driver_errors as exc:
+            self.reconnect()
+            raise self._error(exc) from None
+        self._guard_transaction(conn, True)
+        return conn
+
+    def finish_handler(self, conn, delivery, ok):
+        """Ack and commit (``ok``), or roll back; True when acknowledged, False when the claim was lost.
+
+        Any failure rolls back and drops the connection, so the next message
+        starts on a clean one; errors of the commit itself propagate as they are.
+        """
+        try:
+            self._guard_transaction(conn, False)
+            if ok:
+                if not self._in_transaction(conn):  # ended by the handler; raises if it closed the connection
+                    raise StorageError("the handler ended the transaction that acknowledges its message")
+                if conn.execute(self.sql["ack"], _Outcome("ack", delivery).params()).rowcount == 1:
+                    conn.execute("COMMIT")
+                    return True
+        except BaseException:
+            self._rollback(conn)
+            self.reconnect()
+            raise
+        self._rollback(conn)
+        if not ok:
+            self.reconnect()
+        return False
+
+    def _guard_transaction(self, conn, on):
+        """Keep a handler from ending the transaction that also acks its message."""
+
+    # Waiting for work
+
+    def waiter(self):
+        """What an idle worker sleeps on until a commit, a wake-up or a timeout."""
+        raise NotImplementedError
+
+    # Workers, heartbeats and the supervisor's processes
+
+    def register_worker(self, name, host, queues, started_at):
+        """Record a running worker; return its id (the claims it makes carry it)."""
+        with self.transaction() as conn:
+            return conn.execute(self.sql["worker_insert"], (name, host, os.getpid(), os.getppid(), ",".join(queues),
+                                                            started_at, started_at)).fetchall()[0][0]
+
+    def beat(self, worker_id, handled, failed, rss, message_id):
+        """Record a heartbeat; return ``(alive, stop_requested_at)``.
+
+        ``alive`` is False when the worker's row is gone: it was declared dead
+        and its claim released, so its acknowledgement would be refused.
+        """
+        with self.transaction() as conn:
+            alive = conn.execute(self.sql["worker_beat"], (time.time(), handled, failed, rss, message_id,
+                                                           worker_id)).rowcount == 1
+            stop = conn.execute(self.sql["control_get"], (_STOP_KEY,)).fetchall()
+        return alive, stop[0][0] if stop else None
+
+    def unregister_worker(self, worker_id):
+        """A worker leaves: what it still holds goes back on the queue."""
+        with self.transaction() as conn:
+            self._release_claims(conn, [worker_id])
+            conn.execute(self.sql["worker_delete"], (worker_id,))
+
+    def workers(self):
+        """``(id, host, pid, ppid, beats)`` of every registered worker."""
+        return self._rows("workers", create=True)
+
+    def release_workers(self, seen):
+        """Release the claims of dead workers and forget them; return how many messages went back.
+
+        ``seen`` maps worker ids to the beat count that showed them silent; a
+        worker that beat since (the count moved) is spared.  Claims with no
+        known worker, older than ``redeliver_timeout`` (written by another
+        tool), are released too.
+        """
+        now = time.time()
+        with self.transaction() as conn:
+            beats = {row[0]: row[4] for row in conn.execute(self.sql["workers"]).fetchall()}
+            dead = [wid for wid, count in seen.items() if wid in beats and (count is None or beats[wid] == count)]
+            released = self._release_claims(conn, dead)
+            for wid in dead:
+                conn.execute(self.sql["worker_delete"], (wid,))
+            released += conn.execute(self.sql["release_unowned"], (now, now - self.settings.redeliver_timeout)).rowcount
+        return dead, released
+
+    def has_unowned_claims(self):
+        """Whether some claim has no known worker and is older than ``redeliver_timeout``."""
+        return bool(self._rows("any_unowned", (time.time() - self.settings.redeliver_timeout,), create=True))
+
+    def _release_claims(self, conn, worker_ids):
+        now = time.time()
+        return sum(conn.execute(self.sql["release_worker"], (now, wid)).rowcount for wid in worker_ids)
+
+    def request_stop(self):
+        """Ask every worker started before now to stop after its current message; return how many run."""
+        now = time.time()
+        with self.transaction(self.connection(create=False)) as conn:
+            conn.execute(self.sql["control_set"], (_STOP_KEY, now))
+            return conn.execute(self.sql["workers_started_before"], (now,)).fetchall()[0][0]
+
+    def sync_processes(self, host, rows, clear_programs=(), remove=()):
+        """The supervisor's view: upsert its process rows, drop old ones; return its children's beats.
+
+        ``rows`` are ``(name, program, state, pid, state_since, started_at,
+        description, exit_status)``.  Returns ``{worker_id: (pid, beats)}`` of
+        the workers this process forked.
+        """
+        now = time.time()
+        me = os.getpid()
+        with self.transaction() as conn:
+            for program in clear_programs:
+                conn.execute(self.sql["program_delete"], (program,))
+            for name in remove:
+                conn.execute(self.sql["process_delete"], (name,))
+            for name, program, state, pid, since, started, description, exit_status in rows:
+                conn.execute(self.sql["process_upsert"], (name, program, host, me, state, pid, since, started, now,
+                                                          description, exit_status))
+            children = conn.execute(self.sql["worker_children"], (host, me)).fetchall()
+        return {wid: (pid, beats) for wid, pid, beats in children}
+
+    def release_children(self, host, pids):
+        """The supervisor reaped these children: their claims go back now; return how many."""
+        me = os.getpid()
+        with self.transaction() as conn:
+            ids = [wid for wid, pid, _ in conn.execute(self.sql["worker_children"], (host, me)).fetchall() if pid in pids]
+            released = self._release_claims(conn, ids)
+            for wid in ids:
+                conn.execute(self.sql["worker_delete"], (wid,))
+        return released
+
+    def status_rows(self):
+        """``(processes, workers)`` rows, as ``status`` reads them."""
+        conn = self.connection(create=False)
+        return self._rows("status_processes", conn=conn), self._rows("status_workers", conn=conn)
+
+    def maintain(self):
+        """Periodic housekeeping, run by one process per database (the supervisor, or one worker)."""
+
+    # Reading
+
+    def stats(self):
+        """``{"queues": [{queue, ready, delayed, in_flight, oldest_ready_age_s}], "failed": n}``."""
+        conn = self.connection(create=False)
+        now = time.time()
+        waiting = self._rows("stats_waiting", (now, now), conn=conn)
+        claimed = dict(self._rows("stats_claimed", conn=conn))
+        queues, failed = {}, 0
+        for (consumed,) in self._rows("consumed_queues", conn=conn):  # listed even when empty
+            for queue in str(consumed).split(","):
+                if queue and queue != FAILED_QUEUE:
+                    queues[queue] = {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None}
+        for queue, ready, delayed, oldest in waiting:
+            ready, delayed = int(ready or 0), int(delayed or 0)
+            if queue == FAILED_QUEUE:
+                failed = ready + delayed
+                continue
+            age = round(max(0.0, now - oldest), 3) if ready and isinstance(oldest, (int, float)) else None
+            queues[queue] = {"queue": queue, "ready": ready, "delayed": delayed, "in_flight": 0, "oldest_ready_age_s": age}
+        for queue, count in claimed.items():
+            entry = queues.setdefault(queue, {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0,
+                                              "oldest_ready_age_s": None})
+            entry["in_flight"] = int(count)
+        return {"queues": [queues[q] for q in sorted(queues)], "failed": failed}
+
+    def get(self, message_id):
+        """One message by id, any queue, or None."""
+        rows = self._read_envelopes("get", (message_id,))
+        return rows[0] if rows else None
+
+    def failed(self, ids=None, limit=None):
+        """Failed messages, newest first: all of them, or those with these ids."""
+        if ids is None:
+            envelopes = self._read_envelopes("failed", (), limit)
+        else:
+            envelopes = self._read_envelopes("failed_in", (self._ids_param(ids),), limit)
+        return envelopes
+
+    def _read_envelopes(self, name, params, limit=None):
+        conn = self.connection(create=False)
+        try:
+            with self._tolerant_text(conn):
+                cursor = conn.execute(self.sql[name], params)
+                rows = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
+        return [_envelope_from_row(row) for row in rows]
+
+    def failed_count(self):
+        return self._rows("failed_count")[0][0]
+
+    def failed_ids(self):
+        return [row[0] for row in self._rows("failed_ids")]
+
+    def check_failed_ids(self, ids, conn=None):
+        """Sorted unique ids; UnknownMessage naming those not in the failure queue."""
+        ids = sorted(set(int(i) for i in ids))
+        found = {row[0] for row in self._rows("failed_found", (self._ids_param(ids),), conn=conn)}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise UnknownMessage("no failed message with id %s" % ", ".join(map(str, missing)))
+        return ids
+
+    def requeue_failed(self, ids, conn, queue_of=None):
+        """Move these failed messages back to their original queues with a fresh attempt count.
+
+        Returns ``(moved, left)``: ``left`` maps the ids that stay failed to why
+        (no original queue in their headers, and no handler to route them).
+        """
+        now = time.time()
+        moved, left = 0, {}
+        with self._tolerant_text(conn):
+            rows = conn.execute(self.sql["failed_in"], (self._ids_param(ids),)).fetchall()
+        for envelope in map(_envelope_from_row, rows):
+            headers = {k: v for k, v in envelope.headers.items()
+                       if k not in _FAILURE_HEADERS and k not in ("attempts", "free_retries", "last_error")}
+            headers["redelivered_from_failed"] = _int_header(headers, "redelivered_from_failed") + 1
+            queue = envelope.headers.get("original_queue")
+            if not isinstance(queue, str) or not _QUEUE_NAME.match(queue) or queue == FAILED_QUEUE:
+                queue = queue_of(envelope.handler) if queue_of and envelope.handler else None
+            if queue is None:
+                left[envelope.id] = "its original queue is unknown and no registered handler %r routes it" % (
+                    envelope.handler,)
+                continue
+            moved += conn.execute(self.sql["requeue"], (queue, _encode_headers(headers), now, envelope.id)).rowcount
+        return moved, left
+
+    def remove_failed(self, ids, conn):
+        return conn.execute(self.sql["remove_failed"], (self._ids_param(ids),)).rowcount
+
+    def _ids_param(self, ids):
+        return json.dumps([int(i) for i in ids])
+
+    def abandon_transaction(self):
+        """Roll back a transaction that handler code left open on this thread's connection; True if there was one."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            return False
+        try:
+            if not self._in_transaction(conn):
+                return False
+        except Exception:
+            pass
+        self._rollback(conn)
+        self.reconnect()
+        return True
+
+    def identity(self):
+        """What changes when the database is deleted or replaced under us (None: nothing to watch)."""
+        return None
+
+    def save_unlinked(self):
+        """Save what an open connection still sees of a deleted database; return where (None: nothing saved)."""
+        return None
+
+    # Hooks for drivers whose text can be something else than UTF-8
+
+    def _tolerant_text(self, conn):
+        return contextlib.nullcontext(conn)
+
+    def _is_decode_error(self, exc):
+        return False
+
+
+def _makedirs_private(directory):
+    """Like os.makedirs(directory, 0o700), but every directory it creates is 0700, not only the last."""
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    if parent and parent != directory:
+        _makedirs_private(parent)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+
+
+def _warn_if_shared_directory(directory, what):
+    """An existing directory others can write to lets them swap our files: say so."""
+    with contextlib.suppress(OSError):
+        mode = os.stat(directory).st_mode
+        if mode & 0o022 and not mode & 0o1000:  # group/world-writable and not sticky
+            _log.warning("%s directory %s is writable by group or others (mode %o): they could replace its files",
+                         what, directory, mode & 0o777)
+
+
+def _create_private_file(path):
+    """Create the database file 0600 (SQLite gives its -wal and -shm files the same mode)."""
+    directory = os.path.dirname(path) or "."
+    try:
+        existed = os.path.isdir(directory)
+        _makedirs_private(directory)
+        if existed:
+            _warn_if_shared_directory(directory, "database")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StorageError("cannot create database %s: %s" % (path, exc.strerror or exc)) from None
+
+
+_FAILURE_HEADERS = ("original_queue", "error_class", "error_message", "traceback", "failed_at", "reason", "first_failed_at")
+
+
+# SQLite
+
+# Connections inherited across fork.  SQLite forbids using them in the child and
+# closing one could checkpoint and delete the parent's WAL, so they are kept
+# referenced here and never touched again.
+_INHERITED_CONNECTIONS = []
+_SQLITE_MIN_VERSION = (3, 35, 0)  # UPDATE ... RETURNING
+_SQLITE_TRANSACTION = 22  # authorizer action code of BEGIN, COMMIT and ROLLBACK
+
+
+def _sqlite_error(exc, path):
     """Turn a sqlite3 error into a one-line StorageError that names the database."""
     text = str(exc)
     lower = text.lower()
@@ -551,37 +1138,38 @@ def _storage_error(exc, path):
     return StorageError("database %s: %s" % (path, text))
 
 
+def _deny_transaction_control(action, *args):
+    return sqlite3.SQLITE_DENY if action == _SQLITE_TRANSACTION else sqlite3.SQLITE_OK
+
+
+def _allow_all(*args):
+    return sqlite3.SQLITE_OK
+
+
 class SqliteTransport(Transport):
-    """Messages in Symfony's ``messenger_messages`` table, in one SQLite file in WAL mode."""
+    """Messages in Symfony's ``messenger_messages`` table, in one SQLite file in WAL mode.
+
+    ``BEGIN IMMEDIATE`` takes the write lock up front: a deferred transaction
+    that upgrades to a write fails with SQLITE_BUSY under WAL whatever the timeout.
+    """
+
+    dialect = "sqlite"
+    begin_sql = "BEGIN IMMEDIATE"
+    driver_errors = (sqlite3.Error,)
 
     def __init__(self, settings):
-        self.settings = settings
+        if sqlite3.sqlite_version_info < _SQLITE_MIN_VERSION:
+            raise StorageError("jobrunner needs SQLite %s or newer; this Python has SQLite %s"
+                               % (".".join(map(str, _SQLITE_MIN_VERSION)), sqlite3.sqlite_version))
+        super().__init__(settings)
         self.path = settings.path
-        self._local = threading.local()
 
-    # Connections: one per thread, opened on first use, never carried across fork.
+    @property
+    def where(self):
+        return self.path
 
-    def connection(self, create=True):
-        """This thread's connection (autocommit mode; transactions are explicit)."""
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is not None:
-            if local.pid == os.getpid():
-                return conn
-            _INHERITED_CONNECTIONS.append(conn)
-        conn = self._open(create)
-        local.conn, local.pid = conn, os.getpid()
-        return conn
-
-    def reconnect(self):
-        """Drop this thread's connection: after a failure the next use starts clean."""
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None and self._local.pid == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-
-    close = reconnect
+    def _forget_inherited(self, conn):
+        _INHERITED_CONNECTIONS.append(conn)
 
     def _open(self, create):
         path = self.path
@@ -592,21 +1180,31 @@ class SqliteTransport(Transport):
         try:
             conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise _storage_error(exc, path) from None
+            raise _sqlite_error(exc, path) from None
         try:
-            # validated values, not user text: PRAGMA takes no parameters
             if _log.isEnabledFor(_SQL_TRACE):
                 conn.set_trace_callback(functools.partial(_log.log, _SQL_TRACE, "sql: %s"))
+            # validated values, not user text: PRAGMA takes no parameters; both are settings of this connection only
             conn.execute("PRAGMA synchronous = %s" % self.settings.synchronous)
             conn.execute("PRAGMA journal_size_limit = %d" % int(self.settings.journal_size_limit))
-            self._initialize(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise _storage_error(exc, path) from None
+            raise _sqlite_error(exc, path) from None
         return conn
 
-    def _initialize(self, conn):
-        """Create the schema and switch to WAL if not done yet.
+    def _error(self, exc):
+        return _sqlite_error(exc, self.path)
+
+    def _has_schema(self, conn):
+        # Our tables, from sqlite_master: the app's PRAGMA user_version is the app's, never ours.
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+        return {t.format(messages=self.table) for t in _OUR_TABLES} <= names
+
+    def _columns(self, conn, table):
+        return {row[1] for row in conn.execute("PRAGMA table_info(%s)" % table).fetchall()}
+
+    def _ensure_schema(self, conn):
+        """Switch to WAL and create what is missing.
 
         Two processes opening a new file at once can get SQLITE_BUSY at once,
         without the busy handler (SQLite refuses to wait where waiting could
@@ -615,335 +1213,225 @@ class SqliteTransport(Transport):
         deadline = time.monotonic() + self.settings.busy_timeout
         while True:
             try:
-                if conn.execute("PRAGMA user_version").fetchall()[0][0] < _SCHEMA_VERSION:
-                    self._create_schema(conn)
-                elif conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL").fetchall()
+                if conn.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+                    if mode.lower() != "wal":
+                        _log.warning("database %s could not switch to WAL mode (journal_mode=%s); workers will contend "
+                                     "more", self.path, mode)
+                if self._has_schema(conn) and not self._missing_columns(conn):
+                    return
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")  # the lock is free: create under the transaction below
+                try:
+                    super()._ensure_schema(conn)
+                except DatabaseLocked as exc:
+                    raise exc.__cause__ or sqlite3.OperationalError("database is locked") from None
                 return
             except sqlite3.OperationalError as exc:
                 if not ("locked" in str(exc) or "busy" in str(exc)) or time.monotonic() > deadline:
                     raise
                 time.sleep(random.uniform(0.005, 0.02))
 
-    def _create_schema(self, conn):
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
-        if mode.lower() != "wal":
-            _log.warning("database %s could not switch to WAL mode (journal_mode=%s); workers will contend more", self.path, mode)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if conn.execute("PRAGMA user_version").fetchall()[0][0] < _SCHEMA_VERSION:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    def _missing_columns(self, conn):
+        for table, columns in _ADDED_COLUMNS.items():
+            present = self._columns(conn, table.format(messages=self.table))
+            if any(column not in present for column, _ in columns):
+                return True
+        return False
 
-    @contextlib.contextmanager
-    def transaction(self, conn=None, user_code=False):
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception.
+    def _in_transaction(self, conn):
+        return conn.in_transaction
 
-        IMMEDIATE takes the write lock up front: a deferred transaction that
-        upgrades to a write fails with SQLITE_BUSY under WAL whatever the timeout.
-        SQLite errors become StorageError, except those of ``user_code``.
-        """
-        conn = conn or self.connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from None
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    self.reconnect()
-            if isinstance(exc, sqlite3.Error) and not user_code:
-                raise _storage_error(exc, self.path) from exc
-            raise
+    def _insert_one(self, conn, row):
+        return conn.execute(self.sql["insert"], row).lastrowid
 
-    def setup(self):
-        self.connection()
-        return self.path
+    def _insert_many(self, conn, rows):
+        # Inside the write lock AUTOINCREMENT hands out consecutive ids, so the
+        # ids are known without a RETURNING round trip per row.
+        sequence = "SELECT seq FROM sqlite_sequence WHERE name = '%s'" % self.table
+        before = conn.execute(sequence).fetchall()
+        first = (before[0][0] if before else 0) + 1
+        conn.executemany(self.sql["insert"], rows)
+        last = conn.execute(sequence).fetchall()[0][0]
+        if last - first + 1 != len(rows):
+            raise StorageError("unexpected message ids after a batch insert")
+        return list(range(first, last + 1))
+
+    def _wait_token(self, conn):
+        return conn.execute("PRAGMA data_version").fetchall()[0][0]
 
     def data_version(self):
         """Changes whenever another connection commits; reading it costs no disk I/O."""
         return self.connection().execute("PRAGMA data_version").fetchall()[0][0]
 
-    # Messages
+    def _guard_transaction(self, conn, on):
+        with contextlib.suppress(sqlite3.ProgrammingError):  # the handler closed it
+            conn.set_authorizer(_deny_transaction_control if on else None if sys.version_info >= (3, 11) else _allow_all)
 
-    def send(self, messages, conn=None):
-        """Store ``(queue, body, headers, available_at)`` tuples; return their ids.
+    def _tolerant_text(self, conn):
+        return _tolerant_text(conn)
 
-        With ``conn`` inside an open transaction the rows join it; otherwise
-        they commit before this returns.
+    def _is_decode_error(self, exc):
+        return isinstance(exc, sqlite3.OperationalError) and "decode" in str(exc).lower()
+
+    def waiter(self):
+        return _CommitWaiter(self)
+
+    def maintain(self):
+        """Keep the WAL bounded without stalling writers.
+
+        Readers that never pause starve automatic checkpoints.  A PASSIVE
+        checkpoint never waits; a TRUNCATE is tried only when the passive one
+        copied everything, with no busy wait, so it gives up at once rather
+        than hold writers back while readers finish.
         """
-        now = time.time()
-        rows = [(body, headers, queue, now, now if available_at is None else available_at) for queue, body, headers, available_at in messages]
-        if conn is None:
-            conn = self.connection()
+        wal = self.path + "-wal"
         try:
-            if len(rows) == 1:
-                return [conn.execute(_SQL_INSERT, rows[0]).lastrowid]
-            if conn.in_transaction:
-                return self._insert_many(conn, rows)
-            with self.transaction(conn):
-                return self._insert_many(conn, rows)
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from None
-
-    @staticmethod
-    def _insert_many(conn, rows):
-        # Inside the write lock AUTOINCREMENT hands out consecutive ids, so the
-        # ids are known without a RETURNING round trip per row.
-        before = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messenger_messages'").fetchall()
-        first = (before[0][0] if before else 0) + 1
-        conn.executemany(_SQL_INSERT, rows)
-        last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messenger_messages'").fetchall()[0][0]
-        if last - first + 1 != len(rows):
-            raise StorageError("unexpected message ids after a batch insert")
-        return list(range(first, last + 1))
-
-    def claim(self, queues, worker_id, settle=None):
-        """Settle ``settle`` (the previous message's outcome), then claim the next message.
-
-        Both happen in one transaction, so a busy worker writes once per
-        message.  Returns ``(delivery, settled, version, due)``: ``settled`` is
-        False when the previous claim had been lost and its outcome refused;
-        with no delivery, ``version`` is the data_version to wait on and
-        ``due`` when the next delayed message becomes available.
-        """
+            size = os.stat(wal).st_size
+        except OSError:
+            return
+        if size <= max(self.settings.journal_size_limit, 4 * _MIB):
+            return
         conn = self.connection()
-        try:
-            return self._claim(conn, queues, worker_id, settle)
-        except StorageError as exc:
-            if not _is_decode_error(exc.__cause__):
-                raise
-            with _tolerant_text(conn):  # a row that is not UTF-8: claim it as bytes, it will fail as poison
-                return self._claim(conn, queues, worker_id, settle)
-
-    def _claim(self, conn, queues, worker_id, settle):
-        settled = True
-        version = due = None
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
+        if not busy and frames == copied:
+            conn.execute("PRAGMA busy_timeout = 0")
             try:
-                if settle is not None:
-                    settled = conn.execute(_SQL_SETTLE[settle.kind], settle.params()).rowcount == 1
-                row = None
-                now = time.time()
-                for queue in queues:
-                    rows = conn.execute(_SQL_CLAIM, (now, worker_id, queue, now)).fetchall()
-                    if rows:
-                        row = rows[0]
-                        break
-                else:
-                    # Read under the write lock: any commit after this changes data_version.
-                    version = conn.execute("PRAGMA data_version").fetchall()[0][0]
-                    due = self.next_due(queues)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from exc
-        if row is None:
-            return None, settled, version, due
-        return _Delivery(*row, worker_id), settled, None, None
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.execute("PRAGMA busy_timeout = %d" % int(self.settings.busy_timeout * 1000))
 
-    def next_due(self, queues):
-        """When the earliest unclaimed message of these queues becomes available (None if none)."""
-        conn = self.connection()
-        due = None
-        for queue in queues:
-            value = conn.execute(_SQL_NEXT_DUE, (queue,)).fetchall()[0][0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and (due is None or value < due):
-                due = value
-        return due
-
-    def settle(self, outcome, conn=None):
-        """Apply one outcome; False when the claim had been lost (the outcome is refused)."""
+    def save_unlinked(self):
+        """Back up what this thread's connection still sees of a deleted database; return the copy's path."""
+        target = "%s.saved-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S"))
         try:
-            if conn is not None:
-                return conn.execute(_SQL_SETTLE[outcome.kind], outcome.params()).rowcount == 1
-            with self.transaction() as conn:
-                return conn.execute(_SQL_SETTLE[outcome.kind], outcome.params()).rowcount == 1
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from None
-
-    def release(self, worker_ids, conn=None):
-        """Make every message claimed by these workers available again; return how many."""
-        if not worker_ids:
-            return 0
-        count = 0
-        for worker_id in worker_ids:
-            count += conn.execute(
-                "UPDATE messenger_messages SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
-                "WHERE claimed_by = ? AND delivered_at IS NOT NULL",
-                (time.time(), worker_id),
-            ).rowcount
-        return count
-
-    def release_unowned(self, conn, now):
-        """Release claims whose worker is unknown: written by other tools, or left by a worker row removed by hand."""
-        return conn.execute(
-            "UPDATE messenger_messages SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
-            "WHERE delivered_at IS NOT NULL AND delivered_at < ? "
-            "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers))",
-            (now, now - self.unowned_after()),
-        ).rowcount
-
-    def unowned_after(self):
-        """Seconds after which a claim with no known worker is released."""
-        return min(self.settings.redeliver_timeout, self.settings.heartbeat_timeout * 2)
-
-    # Reading
-
-    def stats(self):
-        """``{"queues": [{queue, ready, delayed, in_flight, oldest_ready_age_s}], "failed": n}``."""
-        conn = self.connection(create=False)
-        now = time.time()
-        try:
-            waiting = conn.execute(
-                "SELECT queue_name, SUM(available_at <= ?), SUM(available_at > ?), MIN(available_at) "
-                "FROM messenger_messages WHERE delivered_at IS NULL GROUP BY queue_name",
-                (now, now),
-            ).fetchall()
-            claimed = dict(
-                conn.execute(
-                    "SELECT queue_name, COUNT(*) FROM messenger_messages WHERE delivered_at IS NOT NULL GROUP BY queue_name"
-                ).fetchall()
-            )
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from None
-        queues, failed = {}, 0
-        for queue, ready, delayed, oldest in waiting:
-            if queue == FAILED_QUEUE:
-                failed = ready + delayed
-                continue
-            age = round(max(0.0, now - oldest), 3) if ready else None
-            queues[queue] = {"queue": queue, "ready": ready, "delayed": delayed, "in_flight": 0, "oldest_ready_age_s": age}
-        for queue, count in claimed.items():
-            entry = queues.setdefault(queue, {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None})
-            entry["in_flight"] = count
-        return {"queues": [queues[q] for q in sorted(queues)], "failed": failed}
-
-    def get(self, message_id):
-        """One message by id, any queue, or None."""
-        with _tolerant_text(self.connection(create=False)) as conn:
-            rows = conn.execute("SELECT %s FROM messenger_messages WHERE id = ?" % _COLUMNS, (message_id,)).fetchall()
-        return _envelope_from_row(rows[0]) if rows else None
-
-    def failed(self, ids=None, limit=None):
-        """Failed messages, newest first: all of them, or those with these ids."""
-        conn = self.connection(create=False)
-        sql = "SELECT %s FROM messenger_messages WHERE queue_name = ?" % _COLUMNS
-        params = [FAILED_QUEUE]
-        if ids is not None:
-            sql += " AND id IN (SELECT value FROM json_each(?))"
-            params.append(json.dumps(list(ids)))
-        sql += " ORDER BY available_at DESC, id DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
-        try:
-            with _tolerant_text(conn):
-                return [_envelope_from_row(row) for row in conn.execute(sql, params).fetchall()]
-        except sqlite3.Error as exc:
-            raise _storage_error(exc, self.path) from None
-
-    def failed_count(self):
-        return self.connection(create=False).execute(
-            "SELECT COUNT(*) FROM messenger_messages WHERE queue_name = ? AND delivered_at IS NULL", (FAILED_QUEUE,)
-        ).fetchall()[0][0]
-
-    def failed_ids(self):
-        rows = self.connection(create=False).execute(
-            "SELECT id FROM messenger_messages WHERE queue_name = ? ORDER BY id", (FAILED_QUEUE,)
-        ).fetchall()
-        return [r[0] for r in rows]
-
-    def requeue_failed(self, ids, conn):
-        """Move these failed messages back to their original queues with a fresh attempt count."""
-        now = time.time()
-        moved = 0
-        for envelope in self._failed_in(conn, ids):
-            headers = {k: v for k, v in envelope.headers.items()
-                       if k not in _FAILURE_HEADERS and k not in ("attempts", "free_retries", "last_error")}
-            headers["redelivered_from_failed"] = _int_header(headers, "redelivered_from_failed") + 1
-            queue = envelope.headers.get("original_queue")
-            if not isinstance(queue, str) or not _QUEUE_NAME.match(queue) or queue == FAILED_QUEUE:
-                queue = "async"
-            moved += conn.execute(
-                "UPDATE messenger_messages SET queue_name = ?, headers = ?, attempts = 0, available_at = ?, "
-                "delivered_at = NULL, claimed_by = NULL WHERE id = ? AND queue_name = ?",
-                (queue, _encode_headers(headers), now, envelope.id, FAILED_QUEUE),
-            ).rowcount
-        return moved
-
-    def check_failed_ids(self, ids, conn=None):
-        """Sorted unique ids; UnknownMessage naming those not in the failure queue."""
-        ids = sorted(set(int(i) for i in ids))
-        conn = conn or self.connection(create=False)
-        found = {row[0] for row in conn.execute(
-            "SELECT id FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))",
-            (FAILED_QUEUE, json.dumps(ids)),
-        ).fetchall()}
-        missing = [i for i in ids if i not in found]
-        if missing:
-            raise UnknownMessage("no failed message with id %s" % ", ".join(map(str, missing)))
-        return ids
-
-    def remove_failed(self, ids, conn):
-        return conn.execute(
-            "DELETE FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))",
-            (FAILED_QUEUE, json.dumps(list(ids))),
-        ).rowcount
-
-    @staticmethod
-    def _failed_in(conn, ids):
-        with _tolerant_text(conn):
-            rows = conn.execute(
-                "SELECT %s FROM messenger_messages WHERE queue_name = ? AND id IN (SELECT value FROM json_each(?))"
-                % _COLUMNS, (FAILED_QUEUE, json.dumps(list(ids))),
-            ).fetchall()
-        return [_envelope_from_row(row) for row in rows]
-
-
-def _makedirs_private(directory):
-    """Like os.makedirs(directory, 0o700), but every directory it creates is 0700, not only the last."""
-    if os.path.isdir(directory):
-        return
-    parent = os.path.dirname(directory)
-    if parent and parent != directory:
-        _makedirs_private(parent)
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(directory):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
-
-
-def _create_private_file(path):
-    """Create the database file 0600 (SQLite gives its -wal and -shm files the same mode)."""
-    directory = os.path.dirname(path) or "."
-    try:
-        _makedirs_private(directory)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError:
+            return None  # another worker is saving it this very second, or the directory is gone
         os.close(fd)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise StorageError("cannot create database %s: %s" % (path, exc.strerror or exc)) from None
+        try:
+            source = getattr(self._local, "conn", None)
+            if source is None:
+                raise StorageError("no open connection to the old file")
+            copy = sqlite3.connect(target)
+            try:
+                source.backup(copy)
+            finally:
+                copy.close()
+            return target
+        except (sqlite3.Error, JobRunnerError) as exc:
+            _log.error("could not save the deleted database to %s: %s", target, exc)
+            return None
+
+    def identity(self):
+        """What changes when the database file is deleted or replaced under us."""
+        return _inode(self.path)
 
 
-_FAILURE_HEADERS = ("original_queue", "error_class", "error_message", "traceback", "failed_at", "reason", "first_failed_at")
+class _CommitWaiter:
+    """Sleeps until another connection commits, the worker is woken, or a timeout.
+
+    On Linux it waits on inotify for writes to the ``-wal`` file (every
+    commit appends frames to it), so an idle worker costs no CPU and wakes
+    within a millisecond; elsewhere it polls ``PRAGMA data_version`` every
+    2 ms.  ``wake()`` is safe from signal handlers and other threads.
+    """
+
+    poll_interval = 0.002
+
+    def __init__(self, transport):
+        self.transport = transport
+        self._read_fd, self._write_fd = os.pipe()
+        for fd in (self._read_fd, self._write_fd):
+            os.set_blocking(fd, False)
+        self._inotify = None
+        self._watching = None
+
+    def wake(self):
+        with contextlib.suppress(OSError, TypeError):
+            os.write(self._write_fd, b"!")
+
+    def close(self):
+        for fd in (self._read_fd, self._write_fd, self._inotify):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._read_fd = self._write_fd = self._inotify = None
+
+    def sleep(self, timeout):
+        """Sleep up to ``timeout`` seconds unless woken."""
+        if select.select([self._read_fd], [], [], max(0.0, timeout))[0]:
+            _drain_fd(self._read_fd)
+
+    def wait(self, version, timeout, stopped, queues):
+        """Return once a message of ``queues`` may be ready, ``stopped()`` is true, or ``timeout`` passes.
+
+        Every commit (heartbeats included) changes data_version; a cheap read
+        of the queues' earliest message decides whether to go back to sleep,
+        so an idle worker does not take the write lock for nothing.
+        """
+        deadline = time.monotonic() + timeout
+        inotify = self._watch_wal()
+        if inotify is not None:
+            _drain_fd(inotify)
+        transport = self.transport
+        while not stopped():
+            current = transport.data_version()
+            if current != version:
+                version = current
+                due = transport.next_due(queues)
+                if due is not None:
+                    wait = due - time.time()
+                    if wait <= 0:
+                        return
+                    deadline = min(deadline, time.monotonic() + wait)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            fds = [self._read_fd] if inotify is None else [self._read_fd, inotify]
+            ready = select.select(fds, [], [], left if inotify is not None else min(self.poll_interval, left))[0]
+            for fd in ready:
+                _drain_fd(fd)
+            if self._read_fd in ready:
+                return
+
+    def _watch_wal(self):
+        wal = self.transport.path + "-wal"
+        if self._watching == wal:
+            return self._inotify
+        if self._watching is False or not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0 or libc.inotify_add_watch(fd, os.fsencode(wal), 0x2) < 0:  # IN_MODIFY
+                if fd >= 0:
+                    os.close(fd)
+                raise OSError(ctypes.get_errno(), "inotify")
+        except (OSError, AttributeError):
+            self._watching = False
+            return None
+        self._inotify, self._watching = fd, wal
+        return fd
+
+
+def _drain_fd(fd):
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while os.read(fd, 65536):
+            pass
+
+
+def _inode(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _open_transport(settings):
+    """The transport for these settings' database."""
+    return SqliteTransport(settings)
 
 
 # --- The app: registry, routing, dispatch, retry strategy ---------------------------
@@ -1000,6 +1488,12 @@ class Handler:
         self.retry = retry
         self.timeout = timeout
         self.transactional = transactional
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            # calling one only creates a generator: the body would never run and the message would be lost
+            raise ConfigurationError("handler %s is a generator function (it uses yield); a handler must return, "
+                                     "not yield" % name)
+        #: a coroutine function: the worker runs it on an event loop of its own
+        self.is_async = inspect.iscoroutinefunction(fn)
         self._accepts_any, self._allowed, self._required = _payload_signature(fn, name, transactional)
         functools.update_wrapper(self, fn)
 
@@ -1044,6 +1538,7 @@ class Handler:
             "max_delay": self.retry.max_delay,
             "timeout": self.timeout,
             "transactional": self.transactional,
+            "async": self.is_async,
         }
 
 
@@ -1095,7 +1590,7 @@ class JobRunner:
         self._settings_overrides = settings
         self._dsn = dsn or os.environ.get("JOBRUNNER_DSN") or "jobrunner.db"
         self.settings = Settings.from_dsn(self._dsn, **settings)
-        self.transport = SqliteTransport(self.settings)
+        self.transport = _open_transport(self.settings)
         self._tx = threading.local()
 
     def __repr__(self):
@@ -1107,7 +1602,7 @@ class JobRunner:
             self._dsn = dsn
         self._settings_overrides = dict(self._settings_overrides, **{k: v for k, v in settings.items() if v is not None})
         self.settings = Settings.from_dsn(self._dsn, **self._settings_overrides)
-        self.transport = SqliteTransport(self.settings)
+        self.transport = _open_transport(self.settings)
 
     @property
     def queues(self):
@@ -1277,15 +1772,25 @@ class JobRunner:
 
     def stop_workers(self):
         """Ask every worker on this database to finish its current message and exit."""
-        return _request_stop_workers(self.transport)
+        return self.transport.request_stop()
 
     def failed(self, ids=None, limit=None):
         """Envelopes in the failure queue, newest first."""
         return self.transport.failed(ids, limit)
 
     def retry_failed(self, ids):
-        """Put these failed messages back on their queues; unknown ids raise UnknownMessage and change nothing."""
-        return self._on_failed(ids, self.transport.requeue_failed)
+        """Put these failed messages back on their queues; return how many moved.
+
+        Unknown ids raise UnknownMessage and change nothing.  A message whose
+        original queue is unknown goes to its handler's queue; with no handler
+        either, it stays in the failure queue (and is not counted).
+        """
+        return self._on_failed(ids, lambda ids, conn: self.transport.requeue_failed(ids, conn, self.queue_of)[0])
+
+    def queue_of(self, handler_name):
+        """The queue a handler is routed to, or None for a handler this app does not have."""
+        handler = self.handlers.get(handler_name)
+        return handler.queue if handler else None
 
     def remove_failed(self, ids):
         """Delete these failed messages; unknown ids raise UnknownMessage and change nothing."""
@@ -1365,6 +1870,8 @@ logging.addLevelName(_VERBOSE, "VERBOSE")
 logging.addLevelName(_SQL_TRACE, "SQL")
 
 _LEVELS = {0: logging.INFO, 1: _VERBOSE, 2: logging.DEBUG, 3: _SQL_TRACE}
+_TRACEBACK_LIMIT = 20000
+_STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt gets this long before the worker exits
 
 
 def _log_formatter(name):
@@ -1384,145 +1891,99 @@ def _configure_logging(verbosity, name="worker", stream=None):
     root.propagate = False
 
 
-_STOP_KEY = "stop_workers_at"
-_SQLITE_TRANSACTION = 22  # authorizer action code of BEGIN, COMMIT and ROLLBACK
-_TRACEBACK_LIMIT = 20000
-
-
-def _request_stop_workers(transport):
-    """Record the time of the request; every worker started before it stops after its current message."""
-    now = time.time()
-    with transport.transaction(transport.connection(create=False)) as conn:
-        conn.execute(
-            "INSERT INTO jobrunner_control (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (_STOP_KEY, now),
-        )
-        return conn.execute("SELECT COUNT(*) FROM jobrunner_workers WHERE started_at <= ?", (now,)).fetchall()[0][0]
-
-
-def _release_dead_workers(transport, host, now=None):
-    """Release the claims of workers that stopped beating, or whose process is gone on this host.
-
-    Returns the number of workers found dead.  Reads first and only takes the
-    write lock when there is something to release.
-    """
-    settings = transport.settings
-    now = now or time.time()
-    conn = transport.connection()
-    silent_since = now - settings.heartbeat_timeout
-    rows = conn.execute("SELECT id, host, pid, beat_at FROM jobrunner_workers").fetchall()
-    gone = {wid for wid, whost, pid, _ in rows if whost == host and not _pid_alive(pid)}  # gone stays gone
-    dead = [wid for wid, _, _, beat in rows if beat < silent_since or wid in gone]
-    unowned = conn.execute(
-        "SELECT 1 FROM messenger_messages WHERE delivered_at IS NOT NULL AND delivered_at < ? "
-        "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
-        (now - transport.unowned_after(),),
-    ).fetchall()
-    if not dead and not unowned:
-        return 0
-    with transport.transaction(conn):
-        # re-read under the write lock: a silent worker may have beaten since
-        fresh = dict(conn.execute("SELECT id, beat_at FROM jobrunner_workers").fetchall())
-        dead = [wid for wid in dead if wid in fresh and (wid in gone or fresh[wid] < silent_since)]
-        released = transport.release(dead, conn)
-        conn.executemany("DELETE FROM jobrunner_workers WHERE id = ?", [(wid,) for wid in dead])
-        released += transport.release_unowned(conn, now)
-    if dead or released:
-        _log.warning("released %d message(s) claimed by %d dead worker(s)", released, len(dead))
-    return len(dead)
-
-
 def _error_class(exc):
     cls = type(exc)
     module = "jobrunner" if cls.__module__ == __name__ else cls.__module__  # also when run as a script (__main__)
     return cls.__qualname__ if module in ("builtins", "__main__") else "%s.%s" % (module, cls.__qualname__)
 
 
-def _deny_transaction_control(action, *args):
-    # A transactional handler must not end the transaction that also acks its message.
-    return sqlite3.SQLITE_DENY if action == _SQLITE_TRANSACTION else sqlite3.SQLITE_OK
+def _format_exception(exc):
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def _allow_all(*args):
-    return sqlite3.SQLITE_OK
+class _SilenceJudge:
+    """Which workers stopped beating, judged by their beat counters on this process's monotonic clock.
 
-
-class _CommitWaiter:
-    """Sleeps until another connection commits, the worker is woken, or a timeout.
-
-    On Linux it waits on inotify for writes to the ``-wal`` file (every
-    commit appends frames to it), so an idle worker costs no CPU and wakes
-    within a millisecond; elsewhere it polls ``PRAGMA data_version``.
-    ``wake()`` is safe from signal handlers and other threads.
+    A worker is silent when its counter has not moved for ``timeout``
+    seconds of our own clock: a wall-clock step (NTP) cannot make a live
+    worker look dead.  Shared by the heartbeat's reaper and the supervisor.
     """
 
-    poll_interval = 0.002
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self._seen = {}  # worker id -> (beats, monotonic time the count was first seen)
 
-    def __init__(self, transport):
-        self.transport = transport
-        self._read_fd, self._write_fd = os.pipe()
-        for fd in (self._read_fd, self._write_fd):
-            os.set_blocking(fd, False)
-        self._inotify = None
-        self._watching = None
+    def silent(self, counters, now=None):
+        """Ids in ``counters`` (id -> beat count) whose count has not moved for the timeout."""
+        now = time.monotonic() if now is None else now
+        seen = self._seen
+        for key in list(seen):
+            if key not in counters:
+                del seen[key]
+        for key, beats in counters.items():
+            old = seen.get(key)
+            if old is None or old[0] != beats:
+                seen[key] = (beats, now)
+        return [key for key, (_, since) in seen.items() if now - since > self.timeout]
 
-    def wake(self):
-        with contextlib.suppress(OSError):
-            os.write(self._write_fd, b"!")
+    def forgive(self, now=None):
+        """Nobody could beat meanwhile (the write lock was held): start every count's clock again."""
+        now = time.monotonic() if now is None else now
+        self._seen = {key: (beats, now) for key, (beats, _) in self._seen.items()}
 
-    def close(self):
-        for fd in (self._read_fd, self._write_fd, self._inotify):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._read_fd = self._write_fd = self._inotify = None
 
-    def sleep(self, timeout):
-        """Sleep up to ``timeout`` seconds unless woken."""
-        if select.select([self._read_fd], [], [], max(0.0, timeout))[0]:
-            _drain_fd(self._read_fd)
+class _RssReader:
+    """This process's resident memory, cheap enough to read after every message.
 
-    def wait(self, version, timeout, stopped):
-        """Return once data_version differs from ``version``, ``stopped()`` is true, or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        inotify = self._watch_wal()
-        if inotify is not None:
-            _drain_fd(inotify)
-        while not stopped():
-            if self.transport.data_version() != version:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            fds = [self._read_fd] if inotify is None else [self._read_fd, inotify]
-            ready = select.select(fds, [], [], left if inotify is not None else min(self.poll_interval, left))[0]
-            for fd in ready:
-                _drain_fd(fd)
+    On Linux a pread of /proc/self/statm on a file kept open; elsewhere psutil.
+    """
 
-    def _watch_wal(self):
-        wal = self.transport.path + "-wal"
-        if self._watching == wal:
-            return self._inotify
-        if self._watching is False or not sys.platform.startswith("linux"):
-            return None
+    def __init__(self):
+        self._pid = None
+        self._fd = None
+        self._psutil = None
+
+    def __call__(self):
+        if self._pid != os.getpid():
+            self._open()
+        if self._fd is not None:
+            try:
+                return int(os.pread(self._fd, 64, 0).split()[1]) * _PAGE_SIZE
+            except (OSError, ValueError, IndexError):
+                pass
+        if self._psutil:
+            return self._psutil.memory_info().rss
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KIB
+
+    def _open(self):
+        self._pid = os.getpid()
+        self._fd = self._psutil = None
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-            if fd < 0 or libc.inotify_add_watch(fd, os.fsencode(wal), 0x2) < 0:  # IN_MODIFY
-                if fd >= 0:
-                    os.close(fd)
-                raise OSError(ctypes.get_errno(), "inotify")
-        except (OSError, AttributeError):
-            self._watching = False
-            return None
-        self._inotify, self._watching = fd, wal
-        return fd
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            try:
+                import psutil
+            except ImportError:
+                return
+            self._psutil = psutil.Process()
 
 
-def _drain_fd(fd):
-    with contextlib.suppress(BlockingIOError, InterruptedError):
-        while os.read(fd, 65536):
-            pass
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_rss_bytes = _RssReader()
+
+
+class _Interrupted(BaseException):
+    """Raised inside a handler to end it (its timeout passed).
+
+    Not an Exception, so a handler's own ``except Exception:`` cannot swallow
+    it by accident; the worker records it as :class:`HandlerTimeout`.
+    """
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _ForcedStop(BaseException):
@@ -1537,10 +1998,13 @@ class Worker:
     Limits: ``limit`` messages, ``failure_limit`` failed attempts,
     ``memory_limit`` bytes of RSS, ``time_limit`` seconds.  ``sleep`` is the
     longest idle wait between polls; a committed message wakes it at once.
+    ``owns_process`` (the command line, the supervisor's children) lets it exit
+    the process when a handler is stuck where Python cannot interrupt it.
     """
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
-                 name=None, install_signals=True, parent_pid=None, stop_timeout=10.0):
+                 name=None, install_signals=True, parent_pid=None, stop_timeout=10.0, owns_process=False,
+                 on_ready=None):
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
         if FAILED_QUEUE in queues:
@@ -1561,19 +2025,25 @@ class Worker:
         self.parent_pid = parent_pid
         self.stop_timeout = stop_timeout
         self.install_signals = install_signals
+        self.owns_process = owns_process
+        self.on_ready = on_ready
         self.host = _host_identity()
         self.worker_id = None
         self.started_at = None
         self.processed = self.handled = self.failed = 0
         self.exit_code = 0
         self._stop_reason = None
+        self._stop_logged = False
         self._waiter = None
+        self._event_loop = None
         self._current = None  # (delivery, handler, headers) while a handler runs
         self._interrupted = None  # the delivery a forced stop cut short
         self._deadline = None  # monotonic time past which the running handler is stuck
         self._alarm_armed = False
+        self._alarm_fired = False
+        self._call_frame = None
+        self._signals_installed = False
         self._signals_seen = 0
-        self._next_memory_check = 0.0
 
     def __repr__(self):
         return "<Worker %s queues=%s id=%s>" % (self.name, ",".join(self.queues), self.worker_id)
@@ -1596,9 +2066,11 @@ class Worker:
         self.stop("received %s" % name)
 
     def _on_alarm(self, signum, frame):
-        if self._alarm_armed:
+        # An alarm that lands after the handler returned (we are back in _call's own frame) changes nothing.
+        if self._alarm_armed and frame is not self._call_frame:
             self._alarm_armed = False
-            raise HandlerTimeout("handler ran past its timeout of %gs" % self._current[1].timeout)
+            self._alarm_fired = True
+            raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % self._current[1].timeout))
 
     def _install_signals(self):
         if not self.install_signals or threading.current_thread() is not threading.main_thread():
@@ -1610,6 +2082,7 @@ class Worker:
         for sig in wanted:
             previous[sig] = signal.signal(sig, self._on_signal)
         previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._on_alarm)
+        self._signals_installed = True
         return previous
 
     def _limit_reached(self, started):
@@ -1617,11 +2090,9 @@ class Worker:
             return "message limit of %d reached" % self.limit
         if self.failure_limit is not None and self.failed >= self.failure_limit:
             return "failure limit of %d reached" % self.failure_limit
-        now = time.monotonic()
-        if self.time_limit is not None and now - started >= self.time_limit:
+        if self.time_limit is not None and time.monotonic() - started >= self.time_limit:
             return "time limit of %gs reached" % self.time_limit
-        if self.memory_limit is not None and now >= self._next_memory_check:
-            self._next_memory_check = now + 0.25
+        if self.memory_limit is not None:  # after every message, as messenger:consume does
             rss = _rss_bytes()
             if rss > self.memory_limit:
                 return "memory limit of %s exceeded (RSS %s)" % (_format_bytes(self.memory_limit), _format_bytes(rss))
@@ -1631,7 +2102,7 @@ class Worker:
 
     def run(self):
         """Consume until a limit, a signal or ``stop-workers``; return the reason."""
-        self._waiter = _CommitWaiter(self.transport)
+        self._waiter = self.transport.waiter()
         previous_signals = self._install_signals()
         heartbeat = None
         started = time.monotonic()
@@ -1640,8 +2111,12 @@ class Worker:
             self._register()
             heartbeat = _Heartbeat(self)
             heartbeat.start()
-            _log.info("worker %s (pid %d) consuming %s from %s", self.name, os.getpid(), ", ".join(self.queues), self.transport.path)
-            outcome = self._loop(started)
+            _log.info("worker %s (pid %d) consuming %s from %s", self.name, os.getpid(), ", ".join(self.queues),
+                      self.transport.where)
+            if not self._over_memory_limit_at_start():
+                if self.on_ready is not None:
+                    self.on_ready()
+                outcome = self._loop(started)
         except _ForcedStop as forced:
             self._stop_reason = "received %s twice: stopped in the middle of a message" % forced
             self.exit_code = 1
@@ -1654,12 +2129,29 @@ class Worker:
             self._finish(outcome)
             for sig, handler in previous_signals.items():
                 signal.signal(sig, handler)
+            self._signals_installed = False
             waiter, self._waiter = self._waiter, None
             waiter.close()
+            if self._event_loop is not None:
+                self._event_loop.close()
+                self._event_loop = None
         level = logging.INFO if self.exit_code == 0 else logging.ERROR
         _log.log(level, "worker %s stopped: %s (%d messages, %d failed attempts)", self.name, self._stop_reason,
                  self.processed, self.failed)
         return self._stop_reason
+
+    def _over_memory_limit_at_start(self):
+        """Over the memory limit before any message: the limit is below the worker's own footprint.
+
+        Restarting cannot help, so this is a failed start (exit 1, never
+        ready): the supervisor backs off to FATAL instead of forking in a loop.
+        """
+        rss = _rss_bytes() if self.memory_limit is not None else 0
+        if rss > self.memory_limit if self.memory_limit is not None else False:
+            self.stop("memory limit of %s is below this worker's own footprint (RSS %s at start)"
+                      % (_format_bytes(self.memory_limit), _format_bytes(rss)), exit_code=1)
+            return True
+        return False
 
     def _loop(self, started):
         outcome = None
@@ -1667,14 +2159,11 @@ class Worker:
         while True:
             reason = self._limit_reached(started)
             if reason:
-                # Supervised and over the memory limit before any message: the limit is below the worker's own
-                # footprint and restarting cannot help; fail, so the supervisor backs off instead of forking in a loop.
-                useless = self.parent_pid and self.processed == 0 and reason.startswith("memory limit")
-                self.stop(reason, exit_code=1 if useless else 0)
+                self.stop(reason)
             if self._stop_reason is not None:
                 return outcome
             try:
-                delivery, settled, version, due = self.transport.claim(self.queues, self.worker_id, outcome)
+                delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
             except StorageError as exc:
                 backoff = min(30.0, max(0.5, backoff * 2))
                 _log.error("%s; retrying in %gs", exc, backoff)
@@ -1688,21 +2177,28 @@ class Worker:
                              outcome.delivery.id)
             outcome = None
             if delivery is None:
-                self._idle(version, due, started)
+                self._idle(token, due, started)
                 continue
             outcome = self._process(delivery)
 
-    def _idle(self, version, due, started):
+    def _idle(self, token, due, started):
+        self._log_stop_signal()
         timeout = min(max(self.sleep, 0.01), 3600.0)  # commits wake us anyway; never spin
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
         if self.time_limit is not None:
             timeout = min(timeout, max(0.0, self.time_limit - (time.monotonic() - started)))
         try:
-            self._waiter.wait(version, timeout, lambda: self._stop_reason is not None)
-        except (JobRunnerError, sqlite3.Error) as exc:
+            self._waiter.wait(token, timeout, lambda: self._stop_reason is not None, self.queues)
+        except JobRunnerError as exc:
             _log.error("waiting for messages: %s", exc)
             self._waiter.sleep(min(timeout, 1.0))
+
+    def _log_stop_signal(self):
+        """Say, from the loop (never from a signal handler), that a stop was asked while a handler ran."""
+        if self._stop_reason is not None and not self._stop_logged:
+            self._stop_logged = True
+            _log.info("stopping: %s", self._stop_reason)
 
     def _finish(self, outcome):
         """Settle the last outcome and leave the registry; never raises."""
@@ -1710,86 +2206,132 @@ class Worker:
             if outcome is not None:
                 self.transport.settle(outcome)
         except JobRunnerError as exc:
-            _log.error("could not record the outcome of message %d: %s (it will be delivered again)", outcome.delivery.id, exc)
+            _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
+                       outcome.delivery.id, exc)
         try:
             if self.worker_id is not None:
-                with self.transport.transaction() as conn:
-                    self.transport.release([self.worker_id], conn)
-                    conn.execute("DELETE FROM jobrunner_workers WHERE id = ?", (self.worker_id,))
+                self.transport.unregister_worker(self.worker_id)
         except JobRunnerError as exc:
             _log.error("could not unregister worker %s: %s", self.name, exc)
 
     def _register(self):
         self.started_at = time.time()
-        with self.transport.transaction() as conn:
-            self.worker_id = conn.execute(
-                "INSERT INTO jobrunner_workers (name, host, pid, ppid, queues, started_at, beat_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (self.name, self.host, os.getpid(), os.getppid(), ",".join(self.queues), self.started_at, self.started_at),
-            ).lastrowid
+        self.worker_id = self.transport.register_worker(self.name, self.host, self.queues, self.started_at)
 
-    # One message
+    # One message: decode, call, outcome
 
     def _process(self, delivery):
-        """Run one claimed message; return the outcome to settle (None when already settled)."""
+        """Run one claimed message; return the outcome to settle (None when settled already)."""
         self.processed += 1
-        headers = _decode_headers(delivery.headers)
-        if headers is None:
-            return self._poison(delivery, {"original_headers": _json_safe(delivery.headers)}, "headers are not a JSON object")
-        name = headers.get("handler")
-        handler = self.app.handlers.get(name) if isinstance(name, str) else None
-        if handler is None:
-            return self._poison(delivery, headers, "no handler named %r is registered" % (name,))
-        try:
-            payload = json.loads(delivery.body)
-        except (TypeError, ValueError, RecursionError) as exc:
-            return self._poison(delivery, headers, "body is not valid JSON (%s)" % exc)
-        try:
-            handler.check(payload)
-        except InvalidMessage as exc:
-            return self._poison(delivery, headers, str(exc))
-        counted = delivery.attempts - _int_header(headers, "free_retries")
-        if counted > handler.retry.max_retries + 1:
-            return self._poison(delivery, headers, "its last attempt never finished: the worker died, was killed or "
-                                "timed out during it (%d attempts)" % (counted - 1), error_class="WorkerDied",
-                                attempts=delivery.attempts - 1)
+        handler, headers, payload, outcome = self._decode(delivery)
+        if outcome is not None:
+            return outcome
         self._current = (delivery, handler, headers)
         started = time.perf_counter()
+        conn = None
         try:
             if handler.transactional:
-                return self._run_transactional(delivery, handler, headers, payload, started)
-            try:
-                self._call(handler, payload)
-                failure = None
-            except Exception as exc:
-                failure = exc
-            conn = self.transport.connection()
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-                self.transport.reconnect()
-                failure = failure or StorageError("handler left a transaction open on the jobrunner connection; rolled back")
+                try:
+                    conn = self.transport.begin_handler()
+                except DatabaseLocked as exc:
+                    # contention is nobody's failure: back on the queue, the attempt given back
+                    _log.warning("message %d (%s): %s; back on the queue", delivery.id, handler.name, exc)
+                    return _Outcome("release", delivery)
+            failure = self._call(handler, payload, conn)
+            if conn is not None:
+                try:
+                    acked = self.transport.finish_handler(conn, delivery, failure is None)
+                except Exception as exc:
+                    failure, acked = exc, False
+                if failure is None:
+                    if acked:
+                        self._succeeded(delivery, handler, started)
+                    else:
+                        _log.warning("message %d: claim was released while handling it; its transaction was rolled "
+                                     "back", delivery.id)
+                    return None
+            elif self.transport.abandon_transaction():
+                failure = failure or StorageError("handler left a transaction open on the jobrunner connection; "
+                                                  "rolled back")
             if failure is None:
                 return self._succeeded(delivery, handler, started)
-            return self._failed(delivery, handler, headers, failure)
+            return self._failed(delivery, handler.retry, handler.name, headers, failure)
         except BaseException:
-            # a second signal (or SystemExit) in mid-handler: leave nothing open behind us
-            conn = self.transport.connection()
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            self.transport.reconnect()
+            # a second signal in mid-handler: leave nothing open behind us
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    self.transport.finish_handler(conn, delivery, False)
+            self.transport.abandon_transaction()
             self._interrupted = delivery
             raise
         finally:
             self._current = None
 
-    def _call(self, handler, kwargs):
+    def _decode(self, delivery):
+        """``(handler, headers, payload, None)``, or an outcome for a message that cannot run here."""
+        headers = _decode_headers(delivery.headers)
+        if headers is None:
+            return None, None, None, self._poison(delivery, {"original_headers": _json_safe(delivery.headers)},
+                                                  "headers are not a JSON object")
+        name = headers.get("handler")
+        if not isinstance(name, str):
+            return None, None, None, self._poison(delivery, headers, "no handler named %r is registered" % (name,))
+        handler = self.app.handlers.get(name)
+        if handler is None:
+            # During a rolling deploy only the new code may know it: retry, so that a newer worker gets it.
+            error = InvalidMessage("no handler named %r is registered in this worker" % name)
+            return None, None, None, self._failed(delivery, self.app.retry, name, headers, error)
+        try:
+            payload = json.loads(delivery.body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return None, None, None, self._poison(delivery, headers, "body is not valid JSON (%s)" % exc)
+        try:
+            handler.check(payload)
+        except InvalidMessage as exc:
+            return None, None, None, self._poison(delivery, headers, str(exc))
+        counted = delivery.attempts - _int_header(headers, "free_retries")
+        if counted > handler.retry.max_retries + 1:
+            return None, None, None, self._poison(
+                delivery, headers, "its last attempt never finished: the worker died, was killed or timed out during "
+                "it (%d attempts)" % (counted - 1), error_class="WorkerDied", attempts=delivery.attempts - 1)
+        return handler, headers, payload, None
+
+    def _call(self, handler, payload, conn):
+        """Run the handler; return the exception its attempt failed with, or None."""
+        kwargs = payload if conn is None else dict(payload, db=conn)
+        self._alarm_fired = False
+        try:
+            if conn is not None:
+                self.app._tx.conn = conn
+            if handler.is_async:
+                self._run_coroutine(handler, kwargs)
+            else:
+                self._run_function(handler, kwargs)
+        except _Interrupted as exc:
+            return exc.error
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            if not isinstance(exc, Exception):
+                if isinstance(exc, KeyboardInterrupt) and not self._signals_installed:
+                    raise  # a real Ctrl-C in a host process that kept its own signal handling
+                # raised by handler code, not a signal to this worker: a failed attempt, then stop and say why
+                self.stop("handler %s raised %s" % (handler.name, _error_class(exc)), exit_code=1)
+            return exc
+        finally:
+            self.app._tx.conn = None
+        if self._alarm_fired:  # the handler caught the interruption and carried on
+            return HandlerTimeout("handler ran past its timeout of %gs (and caught the interruption)" % handler.timeout)
+        return None
+
+    def _run_function(self, handler, kwargs):
         timeout = handler.timeout
-        armed = False
-        if timeout:
-            self._deadline = time.monotonic() + timeout
-            if threading.current_thread() is threading.main_thread() and self.install_signals:
-                self._alarm_armed = armed = True
-                signal.setitimer(signal.ITIMER_REAL, timeout)
+        if not timeout:
+            return handler.fn(**kwargs)
+        self._deadline = time.monotonic() + timeout
+        armed = self._signals_installed
+        if armed:
+            self._call_frame = sys._getframe()
+            self._alarm_armed = True
+            signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             return handler.fn(**kwargs)
         finally:
@@ -1798,45 +2340,28 @@ class Worker:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             self._deadline = None
 
-    def _run_transactional(self, delivery, handler, headers, payload, started):
-        transport = self.transport
-        conn = transport.connection()
+    def _run_coroutine(self, handler, kwargs):
+        import asyncio
+
+        if self._event_loop is None:
+            self._event_loop = asyncio.new_event_loop()
+        loop = self._event_loop
+        task = loop.create_task(handler.fn(**kwargs))
+        timeout = handler.timeout
+        if timeout:
+            self._deadline = time.monotonic() + timeout
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            # the attempt was counted at claim; back on the queue, it is retried like a failure
-            return self._failed(delivery, handler, headers, _storage_error(exc, transport.path))
-        failure = None
-        self.app._tx.conn = conn
-        conn.set_authorizer(_deny_transaction_control)
-        try:
-            self._call(handler, dict(payload, db=conn))
-        except Exception as exc:
-            failure = exc
+            done, _ = loop.run_until_complete(asyncio.wait({task}, timeout=timeout))
+            if not done:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(task)  # let it clean up after its cancellation
+                raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % timeout))
+            return task.result()
         finally:
-            self.app._tx.conn = None
-            with contextlib.suppress(sqlite3.ProgrammingError):  # the handler closed it
-                conn.set_authorizer(None if sys.version_info >= (3, 11) else _allow_all)
-        if failure is None:
-            try:
-                if not conn.in_transaction:  # ended by the handler (ON CONFLICT ROLLBACK...); raises if closed
-                    raise sqlite3.OperationalError("the handler ended the transaction that acknowledges its message")
-                acked = conn.execute(_SQL_SETTLE["ack"], _Outcome("ack", delivery).params()).rowcount == 1
-                if acked:
-                    conn.execute("COMMIT")
-                    self._succeeded(delivery, handler, started)
-                    return None
-                conn.execute("ROLLBACK")
-                _log.warning("message %d: claim was released while handling it; its transaction was rolled back", delivery.id)
-                return None
-            except sqlite3.Error as exc:
-                failure = exc
-        # A failed transaction leaves nothing behind: roll back and start the next message on a new connection.
-        with contextlib.suppress(sqlite3.Error):
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        transport.reconnect()
-        return self._failed(delivery, handler, headers, failure)
+            self._deadline = None
+            if not task.done():
+                task.cancel()
 
     def _succeeded(self, delivery, handler, started):
         self.handled += 1
@@ -1845,17 +2370,17 @@ class Worker:
                      (time.perf_counter() - started) * 1000, delivery.attempts)
         return _Outcome("ack", delivery)
 
-    def _failed(self, delivery, handler, headers, exc):
+    def _failed(self, delivery, retry, name, headers, exc):
         self.failed += 1
-        outcome = _failure_outcome(delivery, handler, headers, exc)
+        outcome = _failure_outcome(delivery, retry, headers, exc)
         error = "%s: %s" % (_error_class(exc), exc)
         if outcome.kind == "retry":
-            _log.warning("message %d (%s) failed, attempt %d: %s; retrying in %.1fs", delivery.id, handler.name,
+            _log.warning("message %d (%s) failed, attempt %d: %s; retrying in %.1fs", delivery.id, name,
                          delivery.attempts, error, outcome.available_at - time.time())
         else:
-            _log.error("message %d (%s) moved to the failure queue after %d attempt(s): %s", delivery.id, handler.name,
+            _log.error("message %d (%s) moved to the failure queue after %d attempt(s): %s", delivery.id, name,
                        delivery.attempts, error)
-        _log.debug("traceback of message %d:\n%s", delivery.id, "".join(traceback.format_exception(exc)).rstrip())
+        _log.debug("traceback of message %d:\n%s", delivery.id, _format_exception(exc).rstrip())
         return outcome
 
     def _poison(self, delivery, headers, reason, error_class="InvalidMessage", attempts=None):
@@ -1864,12 +2389,10 @@ class Worker:
         return _fail_outcome(delivery, headers, error_class, reason, None, reason=reason, attempts=attempts)
 
 
-def _failure_outcome(delivery, handler, headers, exc):
-    """Retry or fail after ``exc``, as the handler's strategy and the exception say."""
-    retry = handler.retry
+def _failure_outcome(delivery, retry, headers, exc):
+    """Retry or fail after ``exc``, as the retry strategy and the exception say."""
     free = _int_header(headers, "free_retries")
     counted = delivery.attempts - free
-    tb = "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]
     if not isinstance(exc, UnrecoverableError) and (isinstance(exc, RecoverableError) or counted <= retry.max_retries):
         wait = retry.wait(counted)
         if isinstance(exc, RecoverableError):
@@ -1880,7 +2403,7 @@ def _failure_outcome(delivery, handler, headers, exc):
         if free:
             retried["free_retries"] = free
         return _Outcome("retry", delivery, time.time() + wait, _encode_headers(retried))
-    return _fail_outcome(delivery, headers, _error_class(exc), str(exc), tb)
+    return _fail_outcome(delivery, headers, _error_class(exc), str(exc), _format_exception(exc)[-_TRACEBACK_LIMIT:])
 
 
 def _fail_outcome(delivery, headers, error_class, message, tb, reason=None, attempts=None):
@@ -1907,7 +2430,7 @@ def _format_bytes(n):
 
 
 class _Heartbeat(threading.Thread):
-    """Beats for its worker, relays ``stop-workers``, releases dead workers' claims and bounds the WAL.
+    """Beats for its worker, relays ``stop-workers``, releases dead workers' claims and keeps the WAL bounded.
 
     A thread, so a slow handler keeps its claim however long it runs; a
     stopped or frozen process stops beating and loses it.
@@ -1918,7 +2441,9 @@ class _Heartbeat(threading.Thread):
         self.worker = worker
         self.transport = worker.transport
         self._stopped = threading.Event()
-        self._inode = _inode(self.transport.path)
+        self._identity = self.transport.identity()
+        self._judge = _SilenceJudge(self.transport.settings.heartbeat_timeout)
+        self._stuck_reported = False
 
     def stop(self):
         self._stopped.set()
@@ -1951,47 +2476,67 @@ class _Heartbeat(threading.Thread):
                 self._beat()
                 beaten = time.monotonic()
                 if failing:
-                    _log.warning("database %s is writable again", self.transport.path)
+                    _log.warning("database %s is writable again", self.transport.where)
                     writable_since, failing = beaten, False
                 elif beaten - now > interval:
                     writable_since = beaten  # the beat waited for the write lock: nobody else could beat either
+                    self._judge.forgive(beaten)
                 now = beaten
                 if now >= next_reap and now - writable_since >= 2 * interval:
                     # only once every live worker has had the chance to beat after an outage
                     next_reap = now + reap_every
-                    _release_dead_workers(self.transport, self.worker.host)
-                    self._bound_wal()
-            except (JobRunnerError, sqlite3.Error) as exc:
+                    self._reap()
+            except JobRunnerError as exc:
                 if not failing:
                     _log.error("heartbeat failed: %s", exc)
                 failing = True
+                self._judge.forgive()
                 self.transport.reconnect()
 
     def _beat(self):
         worker = self.worker
         current = worker._current
-        with self.transport.transaction() as conn:
-            alive = conn.execute(
-                "UPDATE jobrunner_workers SET beat_at = ?, handled = ?, failed = ?, rss_bytes = ?, message_id = ? WHERE id = ?",
-                (time.time(), worker.processed, worker.failed, _rss_bytes(), current[0].id if current else None, worker.worker_id),
-            ).rowcount
-            stop_at = conn.execute("SELECT value FROM jobrunner_control WHERE key = ?", (_STOP_KEY,)).fetchall()
+        alive, stop_at = self.transport.beat(worker.worker_id, worker.handled, worker.failed, _rss_bytes(),
+                                             current[0].id if current else None)
         if not alive:
             # Declared dead (frozen past the timeout): our claim was released, and our ack would be refused.
             worker.stop("this worker was declared dead after missing its heartbeats", exit_code=1)
-        elif stop_at and stop_at[0][0] >= worker.started_at:
+        elif stop_at is not None and stop_at >= worker.started_at:
             worker.stop("stop-workers was requested")
+
+    def _reap(self):
+        """Release the claims of workers whose process is gone from this host, or whose beats stopped."""
+        worker = self.worker
+        rows = self.transport.workers()
+        gone = {wid for wid, host, pid, _, _ in rows if host == worker.host and wid != worker.worker_id
+                and not _pid_alive(pid)}
+        silent = self._judge.silent({wid: beats for wid, _, _, _, beats in rows if wid != worker.worker_id})
+        dead = {wid: beats for wid, _, _, _, beats in rows if wid in silent}
+        dead.update((wid, None) for wid in gone)
+        if dead or self.transport.has_unowned_claims():
+            ids, released = self.transport.release_workers(dead)
+            if ids or released:
+                _log.warning("released %d message(s) claimed by %d dead worker(s)", released, len(ids))
+        # One process keeps the WAL bounded: the supervisor, or else the standalone worker with the smallest id.
+        if not worker.parent_pid and worker.worker_id == min(wid for wid, *_ in rows if wid not in dead):
+            self.transport.maintain()
 
     def _check_stuck_handler(self, now):
         worker = self.worker
         deadline, current = worker._deadline, worker._current
-        if deadline is None or current is None or now < deadline + 5.0:
+        if deadline is None or current is None or now < deadline + _STUCK_GRACE_S:
+            self._stuck_reported = False
             return
-        delivery, handler, headers = current
-        exc = HandlerTimeout("handler was stuck past its timeout of %gs and could not be interrupted" % handler.timeout)
-        _log.critical("message %d (%s): %s; exiting so it can be retried", delivery.id, handler.name, exc)
-        with contextlib.suppress(Exception):
-            self.transport.settle(_failure_outcome(delivery, handler, headers, exc))
+        delivery, handler, _ = current
+        if not worker.owns_process:
+            if not self._stuck_reported:  # a host process's thread: its process is not ours to end
+                self._stuck_reported = True
+                _log.error("message %d (%s) is stuck past its timeout of %gs where Python cannot interrupt it",
+                           delivery.id, handler.name, handler.timeout)
+            return
+        # Its claim goes back on the queue with this attempt counted (released by the supervisor or a reaper).
+        _log.critical("message %d (%s): handler stuck past its timeout of %gs where Python cannot interrupt it; "
+                      "exiting so it can be retried", delivery.id, handler.name, handler.timeout)
         logging.shutdown()
         os._exit(70)
 
@@ -2005,67 +2550,27 @@ class _Heartbeat(threading.Thread):
         deadline = time.monotonic() + grace
         while self.worker._current is not None and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self.worker._current is not None:
+        if self.worker._current is not None and self.worker.owns_process:
             _log.error("still busy %gs after the supervisor died; exiting, the message will be delivered again", grace)
             logging.shutdown()
             os._exit(1)
 
     def _check_database(self):
-        inode = _inode(self.transport.path)
-        if inode == self._inode:
+        if self._identity is None or self.transport.identity() == self._identity:
             return True
         # This connection still holds the old file open: copy its messages out before stopping.
-        saved = _save_unlinked_database(self.transport)
+        saved = self.transport.save_unlinked()
         self.worker.stop("database file %s was deleted or replaced; %s" % (
-            self.transport.path, "its messages were saved to %s" % saved if saved else "it could not be saved"), exit_code=1)
+            self.transport.where, "its messages were saved to %s" % saved if saved else "it could not be saved"),
+            exit_code=1)
         return False
-
-    def _bound_wal(self):
-        wal = self.transport.path + "-wal"
-        try:
-            size = os.stat(wal).st_size
-        except OSError:
-            return
-        if size > max(self.transport.settings.journal_size_limit, 4 * _MIB):
-            # readers that never pause starve automatic checkpoints; force one back to zero
-            self.transport.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-
-
-def _save_unlinked_database(transport):
-    """Back up what this thread's connection still sees of a deleted database; return the copy's path."""
-    target = "%s.saved-%s" % (transport.path, time.strftime("%Y%m%dT%H%M%S"))
-    try:
-        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except OSError:
-        return None  # another worker is saving it this very second, or the directory is gone
-    os.close(fd)
-    try:
-        source = getattr(transport._local, "conn", None)
-        if source is None:
-            raise StorageError("no open connection to the old file")
-        copy = sqlite3.connect(target)
-        try:
-            source.backup(copy)
-        finally:
-            copy.close()
-        return target
-    except (sqlite3.Error, JobRunnerError) as exc:
-        _log.error("could not save the deleted database to %s: %s", target, exc)
-        return None
-
-
-def _inode(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 # --- The supervisor -----------------------------------------------------------------
 
 _AUTORESTART = ("true", "false", "unexpected")
 _SUPERVISOR_STALE_S = 10.0
+_TAIL_LINES = 20  # lines of a worker's output copied into supervisor.log when it fails to start
 
 
 @dataclasses.dataclass
@@ -2082,7 +2587,7 @@ class ProgramConfig:
     sleep: float = 1.0
     verbosity: int = 0
     autorestart: str = "true"
-    startsecs: float = 1.0
+    startsecs: float = 10.0
     startretries: int = 3
     stopwaitsecs: float = 10.0
     log_max_bytes: int = 10 * _MIB
@@ -2102,8 +2607,10 @@ class ProgramConfig:
             if not isinstance(value, int) or value < (1 if key == "numprocs" else 0):
                 raise ConfigurationError("%s of program %s must be a whole number >= %d, not %r"
                                          % (key, self.name, 1 if key == "numprocs" else 0, value))
-        if self.limit == 0 or self.time_limit == 0:
-            raise ConfigurationError("program %s: a limit of 0 would restart its workers in a loop" % self.name)
+        for key in ("limit", "failure_limit", "memory_limit", "time_limit"):
+            if getattr(self, key) == 0:
+                raise ConfigurationError("program %s: --%s 0 would restart its workers in a loop"
+                                         % (self.name, key.replace("_", "-")))
         for key in ("startsecs", "stopwaitsecs"):
             if not getattr(self, key) >= 0:
                 raise ConfigurationError("%s of program %s must be >= 0" % (key, self.name))
@@ -2117,8 +2624,11 @@ def _set_parent_death_signal(sig):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 class _RotatingLog:
-    """An append-only file rotated by size into ``.1`` ... ``.N``, created 0600."""
+    """An append-only file rotated by size into ``.1`` ... ``.N``, created 0600, never through a symlink."""
 
     def __init__(self, path, max_bytes, backups):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
@@ -2126,7 +2636,12 @@ class _RotatingLog:
         self._open()
 
     def _open(self):
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigurationError("log file %s is a symbolic link: refusing to follow it" % self.path) from None
+            raise ConfigurationError("cannot open log file %s: %s" % (self.path, exc.strerror or exc)) from None
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data):
@@ -2181,79 +2696,115 @@ class _LogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _Pipe:
+    """One pipe the supervisor reads: a worker's output, or its readiness note.
+
+    Keyed by its own fd, not by the process: a grandchild may keep a dead
+    worker's output pipe open long after a new worker took its place.
+    """
+
+    def __init__(self, fd, proc, pid, kind):
+        self.fd, self.proc, self.pid, self.kind = fd, proc, pid, kind
+
+
 class _Process:
     """One worker process of a program, with supervisord's state machine.
 
-    :meth:`transition` is the one place that decides the next state; the
-    supervisor only reports events to it (spawned, exited, stop asked).
+    A worker is STARTING until it says it is ready (app imported, database
+    open, registered); only an exit before that counts toward
+    ``startretries``.  :meth:`transition` is the one place that decides what
+    the supervisor does next; the supervisor only reports events to it.
     """
 
     STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL = (
         "STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL")
 
-    def __init__(self, program, index):
+    def __init__(self, program, index, on_change):
         self.program = program
         self.name = "%s_%02d" % (program.name, index)
         self.state = self.STOPPED
         self.state_since = time.time()
+        self.on_change = on_change
         self.pid = None
+        self.ready = False
         self.backoff = 0
-        self.delay = 0.0  # monotonic time of the next start attempt while in self.BACKOFF
+        self.delay = 0.0  # monotonic time of the next start attempt while in BACKOFF
         self.laststart = 0.0  # monotonic
         self.started_at = None  # wall clock, for uptime
         self.kill_at = None
+        self.start_timed_out = False
         self.exit_status = None
         self.description = ""
         self.restart_requested = False
-        self.last_beat = None  # wall clock of the last heartbeat the supervisor saw
-        self.pipe = None
+        self.last_beats = None  # the worker's beat count last seen by the supervisor
         self.log = None
+        self.tail = collections.deque(maxlen=_TAIL_LINES)
 
-    def change(self, state, description=""):
+    def change(self, state, description="", quiet=False):
         if state != self.state:
-            self.state = state
+            old, self.state = self.state, state
             self.state_since = time.time()
+            if not quiet:
+                self.on_change(self, old, state, description)
         self.description = description
 
+    def spawned(self, pid, now):
+        self.pid, self.laststart, self.started_at = pid, now, time.time()
+        self.ready = self.start_timed_out = self.restart_requested = False
+        self.exit_status = self.last_beats = None
+        self.tail.clear()
+        if self.program.startsecs == 0:  # as supervisord: no wait at all
+            self.ready = True
+            self.change(self.RUNNING, "")
+        else:
+            self.change(self.STARTING, "")
+
+    def became_ready(self):
+        self.ready = True
+        if self.state == self.STARTING:
+            self.backoff = 0
+            self.change(self.RUNNING, "ready")
+
     def exited(self, status, now, stopping):
-        """The process was reaped: decide between STOPPED, EXITED and BACKOFF."""
+        """The process was reaped: decide between STOPPED, EXITED, BACKOFF and FATAL."""
         code = os.waitstatus_to_exitcode(status)
         self.exit_status, self.pid, self.kill_at = code, None, None
         how = "exit status %d" % code if code >= 0 else "killed by %s" % signal.Signals(-code).name
         if self.state == self.STOPPING or stopping:
-            self.change(self.STOPPED, "stopped (%s)" % how)
+            self.change(self.STOPPED, "stopped (%s)" % how, quiet=True)
+        elif not self.ready:
+            self.backoff += 1
+            self.delay = now + self.backoff
+            why = "not ready within %gs" % self.program.startsecs if self.start_timed_out else "exited before it was ready"
+            if self.backoff > self.program.startretries:
+                self.change(self.FATAL, "%s %d times; see %s.log" % (why, self.backoff, self.name), quiet=True)
+            else:
+                self.change(self.BACKOFF, "%s (%s); see %s.log" % (why, how, self.name), quiet=True)
         elif code == 0:
             # a worker exits 0 when it reached a limit or was asked to stop: recycle it
             self.restart_requested = True
-            self.change(self.EXITED, "exited (%s; expected)" % how)
-        elif now - self.laststart < self.program.startsecs:
-            self.backoff += 1
-            self.delay = now + self.backoff
-            self.change(self.BACKOFF, "exited too quickly (%s); see %s.log" % (how, self.name))
+            self.change(self.EXITED, "exited (%s; expected)" % how, quiet=True)
         else:
             self.backoff = 0
-            self.change(self.EXITED, "exited (%s; not expected)" % how)
+            self.change(self.EXITED, "exited (%s; not expected)" % how, quiet=True)
         return how
 
     def transition(self, now, running):
         """Return ``"spawn"`` or ``"kill"`` when the supervisor must act, else None."""
         program = self.program
         state = self.state
-        if state == self.STARTING and now - self.laststart >= program.startsecs:
-            self.backoff = 0
-            self.change(self.RUNNING)
-        elif state == self.STOPPING and self.kill_at is not None and now >= self.kill_at:
+        if state == self.STARTING and not self.start_timed_out and now - self.laststart >= program.startsecs:
+            self.start_timed_out = True
+            return "kill"
+        if state == self.STOPPING and self.kill_at is not None and now >= self.kill_at:
             return "kill"
         if not running:
             if state == self.BACKOFF:
                 self.change(self.STOPPED, self.description)
             return None
-        if state == self.BACKOFF:
-            if self.backoff > program.startretries:
-                self.change(self.FATAL, "too many start retries too quickly; see %s.log" % self.name)
-            elif now >= self.delay:
-                return "spawn"
-        elif state == self.EXITED:
+        if state == self.BACKOFF and now >= self.delay:
+            return "spawn"
+        if state == self.EXITED:
             if self.restart_requested or program.autorestart == "true" or (
                     program.autorestart == "unexpected" and self.exit_status != 0):
                 return "spawn"
@@ -2269,6 +2820,7 @@ class Supervisor:
     connection when it does; each child imports the app itself, so a restart
     (SIGHUP, ``stop-workers``, a limit) loads the code anew.  Signals:
     SIGTERM/SIGINT stop everything gracefully, SIGHUP restarts the workers.
+    Exits 0 after a stop, 1 when every process is FATAL.
     """
 
     def __init__(self, programs, *, app_spec, dsn=None, log_dir="var/log", settings_overrides=None):
@@ -2282,24 +2834,27 @@ class Supervisor:
         self.dsn = dsn
         self.settings_overrides = settings_overrides or {}
         self.log_dir = os.path.abspath(log_dir)
-        self.processes = [_Process(p, i) for p in programs for i in range(p.numprocs)]
+        self.processes = [_Process(p, i, self._state_changed) for p in programs for i in range(p.numprocs)]
         self.host = _host_identity()
         self.transport = None
         self._stopping = False
+        self._stop_signal = None
         self._restart_all = False
         self._locks = []
         self._selector = None
         self._wakeup = None
+        self._pipes = {}  # fd -> _Pipe
         self._last_sync = 0.0
-        self._contended_until = 0.0  # heartbeats are not judged before this (monotonic)
+        self._judge = None
         self._log = logging.getLogger("jobrunner.supervisor")
 
     # Start-up
 
     def run(self):
-        """Supervise until SIGTERM or SIGINT; return the exit code."""
+        """Supervise until SIGTERM or SIGINT, or until every process is FATAL; return the exit code."""
         settings = self._preflight()
-        self.transport = SqliteTransport(settings)
+        self.transport = _open_transport(settings)
+        self._judge = _SilenceJudge(settings.heartbeat_timeout)
         self._acquire_locks(settings.path)
         _make_private_dir(self.log_dir)
         self._setup_logging()
@@ -2311,18 +2866,21 @@ class Supervisor:
         self._log.info("supervisor (pid %d) started: %s; logs in %s", os.getpid(),
                        ", ".join("%s x%d [%s]" % (p.name, p.numprocs, " ".join(p.queues)) for p in self.programs),
                        self.log_dir)
+        code = 0
         try:
             self._sync_database(force=True, first=True)
-            self._loop()
+            code = self._loop()
         finally:
             self._sync_database(force=True, last=True)
+            for pipe in list(self._pipes.values()):
+                self._close_pipe(pipe)
             for proc in self.processes:
                 if proc.log:
                     proc.log.close()
             for lock in self._locks:
                 lock.release()
             self._log.info("supervisor stopped")
-        return 0
+        return code
 
     def _preflight(self):
         """Import the app in a throwaway child: fail fast on a bad app or queue, learn the database."""
@@ -2400,13 +2958,17 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, lambda *a: None)  # a handler, so SIGCHLD wakes the loop
 
+    # Signal handlers only set flags: the loop logs and acts (logging here could re-enter a rotating log).
+
     def _on_stop_signal(self, signum, frame):
-        if not self._stopping:
-            self._log.info("received %s: stopping all workers", signal.Signals(signum).name)
-        self._stopping = True
+        self._stop_signal = self._stop_signal or signum
 
     def _on_hup(self, signum, frame):
         self._restart_all = True
+
+    def _state_changed(self, proc, old, new, description):
+        level = logging.WARNING if new in (_Process.BACKOFF, _Process.FATAL) else logging.INFO
+        self._log.log(level, "%s: %s -> %s%s", proc.name, old, new, " (%s)" % description if description else "")
 
     # The loop
 
@@ -2415,6 +2977,9 @@ class Supervisor:
             now = time.monotonic()
             before = [(p.state, p.pid) for p in self.processes]
             self._reap(now)
+            if self._stop_signal is not None and not self._stopping:
+                self._log.info("received %s: stopping all workers", signal.Signals(self._stop_signal).name)
+                self._stopping = True
             if self._restart_all:
                 self._restart_all = False
                 self._request_restart()
@@ -2425,13 +2990,20 @@ class Supervisor:
                 if action == "spawn":
                     self._spawn(proc)
                 elif action == "kill":
-                    self._log.warning("%s (pid %d) did not stop within %gs: SIGKILL", proc.name, proc.pid,
-                                      proc.program.stopwaitsecs)
-                    self._signal(proc, signal.SIGKILL)
-                    proc.kill_at = None
+                    if proc.state == _Process.STARTING:
+                        self._log.warning("%s (pid %d) not ready within %gs: SIGKILL", proc.name, proc.pid,
+                                          proc.program.startsecs)
+                    else:
+                        self._log.warning("%s (pid %d) did not stop within %gs: SIGKILL", proc.name, proc.pid,
+                                          proc.program.stopwaitsecs)
+                        proc.kill_at = None
+                    self._kill(proc)
             self._sync_database(force=[(p.state, p.pid) for p in self.processes] != before)
             if self._stopping and all(p.pid is None for p in self.processes):
-                return
+                return 0
+            if all(p.state == _Process.FATAL for p in self.processes):
+                self._log.error("every process is FATAL: exiting so that systemd or the container runtime takes over")
+                return 1
             self._wait(self._next_timeout(now))
 
     def _next_timeout(self, now):
@@ -2448,63 +3020,71 @@ class Supervisor:
     def _wait(self, timeout):
         for key, _ in self._selector.select(timeout):
             if key.data is None:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wakeup[0], 4096):
-                        pass
+                _drain_fd(self._wakeup[0])
             else:
-                self._drain(key.data)
+                self._read_pipe(key.data)
 
-    def _drain(self, proc, final=False):
-        while proc.pipe is not None:
+    def _read_pipe(self, pipe, final=False):
+        """Read what is there; at EOF, unregister and close the pipe (never read an fd twice after its EOF)."""
+        while pipe.fd in self._pipes:
             try:
-                data = os.read(proc.pipe, 65536)
+                data = os.read(pipe.fd, 65536)
             except BlockingIOError:
                 return
             except OSError:
                 data = b""
             if not data:
-                self._selector.unregister(proc.pipe)
-                os.close(proc.pipe)
-                proc.pipe = None
+                self._close_pipe(pipe)
                 return
+            if pipe.kind == "ready":
+                if pipe.proc.pid == pipe.pid:
+                    pipe.proc.became_ready()
+                continue
+            pipe.proc.tail.extend(data.decode("utf-8", "replace").splitlines()[-_TAIL_LINES:])
             try:
-                proc.log.write(data)
+                pipe.proc.log.write(data)
             except OSError as exc:
-                self._log.error("cannot write %s.log: %s", proc.name, exc)
+                self._log.error("cannot write %s.log: %s", pipe.proc.name, exc)
             if not final:
                 return
 
+    def _close_pipe(self, pipe):
+        if self._pipes.pop(pipe.fd, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(pipe.fd)
+            os.close(pipe.fd)
+
     def _spawn(self, proc):
-        read_fd, write_fd = os.pipe()
+        import selectors
+
+        out_read, out_write = os.pipe()
+        ready_read, ready_write = os.pipe()
         _flush_std_streams()
-        self.transport.close()  # SQLite connections must not cross fork
+        self.transport.close()  # connections must not cross fork
         try:
             pid = os.fork()
         except OSError as exc:
-            os.close(read_fd)
-            os.close(write_fd)
+            for fd in (out_read, out_write, ready_read, ready_write):
+                os.close(fd)
             proc.laststart = time.monotonic()
             proc.backoff += 1
             proc.delay = proc.laststart + proc.backoff
             proc.change(_Process.BACKOFF, "fork failed: %s" % exc)
             return
         if pid == 0:
-            self._child(proc, write_fd)  # never returns
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        import selectors
-
-        self._selector.register(read_fd, selectors.EVENT_READ, proc)
-        proc.pipe, proc.pid = read_fd, pid
-        proc.laststart = time.monotonic()
-        proc.started_at = time.time()
-        proc.restart_requested = False
-        proc.exit_status = None
-        proc.last_beat = None
-        proc.change(_Process.STARTING)
+            os.close(out_read)
+            os.close(ready_read)
+            self._child(proc, out_write, ready_write)  # never returns
+        os.close(out_write)
+        os.close(ready_write)
+        for fd, kind in ((out_read, "output"), (ready_read, "ready")):
+            os.set_blocking(fd, False)
+            pipe = self._pipes[fd] = _Pipe(fd, proc, pid, kind)
+            self._selector.register(fd, selectors.EVENT_READ, pipe)
+        proc.spawned(pid, time.monotonic())
         self._log.info("spawned %s with pid %d", proc.name, pid)
 
-    def _child(self, proc, write_fd):
+    def _child(self, proc, write_fd, ready_fd):
         code = 1
         try:
             os.setpgid(0, 0)  # the terminal's Ctrl-C is for the supervisor, which stops us gracefully
@@ -2521,16 +3101,24 @@ class Supervisor:
             os.dup2(write_fd, 2)
             for handler in list(self._log.handlers):
                 self._log.removeHandler(handler)
-            os.closerange(3, _max_fd())
+            ready = os.dup2(ready_fd, 3, inheritable=False)
+            os.closerange(4, _max_fd())
             program = proc.program
             _configure_logging(program.verbosity, proc.name)
             logging.raiseExceptions = False  # a worker outliving its supervisor must not die of a broken pipe
             app = _load_app(self.app_spec)
             if self.dsn or self.settings_overrides:
                 app.use_dsn(self.dsn, **self.settings_overrides)
+
+            def say_ready():
+                with contextlib.suppress(OSError):
+                    os.write(ready, b"ready\n")
+                    os.close(ready)
+
             worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
                             memory_limit=program.memory_limit, time_limit=program.time_limit, sleep=program.sleep,
-                            name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs)
+                            name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs,
+                            owns_process=True, on_ready=say_ready)
             worker.run()
             code = worker.exit_code
         except JobRunnerError as exc:
@@ -2561,11 +3149,15 @@ class Supervisor:
             proc = next((p for p in self.processes if p.pid == pid), None)
             if proc is None:
                 continue
-            if proc.pipe is not None:
-                self._drain(proc, final=True)
+            for pipe in [p for p in self._pipes.values() if p.pid == pid]:
+                self._read_pipe(pipe, final=True)  # what it wrote before dying; a grandchild may keep it open
+            was_ready = proc.ready
             how = proc.exited(status, now, self._stopping)
             level = logging.INFO if proc.exit_status == 0 or proc.state == _Process.STOPPED else logging.WARNING
-            self._log.log(level, "%s (pid %d) %s -> %s", proc.name, pid, how, proc.state)
+            self._log.log(level, "%s (pid %d) %s -> %s%s", proc.name, pid, how, proc.state,
+                          ": " + proc.description if proc.state == _Process.FATAL else "")
+            if not was_ready and not self._stopping and proc.tail:
+                self._log.warning("last lines of %s.log:\n    %s", proc.name, "\n    ".join(proc.tail))
             reaped.append(pid)
         if reaped:
             self._release(reaped)
@@ -2573,12 +3165,7 @@ class Supervisor:
     def _release(self, pids):
         """A dead child's claim goes back on the queue now, not after a heartbeat timeout."""
         try:
-            with self.transport.transaction() as conn:
-                ids = [row[0] for pid in pids for row in conn.execute(
-                    "SELECT id FROM jobrunner_workers WHERE host = ? AND pid = ? AND ppid = ?", (self.host, pid, os.getpid())
-                ).fetchall()]
-                released = self.transport.release(ids, conn)
-                conn.executemany("DELETE FROM jobrunner_workers WHERE id = ?", [(i,) for i in ids])
+            released = self.transport.release_children(self.host, set(pids))
             if released:
                 self._log.warning("released %d message(s) held by dead worker(s) %s", released, ", ".join(map(str, pids)))
         except JobRunnerError as exc:
@@ -2591,6 +3178,13 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
 
+    def _kill(self, proc):
+        """SIGKILL a worker and its process group: what its handler started must not outlive it."""
+        if proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            self._signal(proc, signal.SIGKILL)
+
     def _request_restart(self):
         self._log.info("received SIGHUP: restarting all workers gracefully")
         for proc in self.processes:
@@ -2599,8 +3193,8 @@ class Supervisor:
                 self._signal(proc, signal.SIGTERM)
             elif proc.state in (_Process.BACKOFF, _Process.FATAL, _Process.EXITED):
                 proc.backoff = 0
-                proc.change(_Process.EXITED, "restart requested")
                 proc.restart_requested = True
+                proc.change(_Process.EXITED, "restart requested")
 
     def _begin_stop(self, now):
         for proc in self.processes:
@@ -2618,43 +3212,41 @@ class Supervisor:
         self._last_sync = now
         interval = self.transport.settings.heartbeat_interval
         try:
+            rows = [(p.name, p.program.name, p.state, p.pid, p.state_since, p.started_at, p.description, p.exit_status)
+                    for p in self.processes]
             asked = time.monotonic()
-            with self.transport.transaction() as conn:
-                waited = time.monotonic() - asked
-                if last:
-                    conn.executemany("DELETE FROM jobrunner_processes WHERE name = ?", [(p.name,) for p in self.processes])
-                    return
-                if first:
-                    conn.executemany("DELETE FROM jobrunner_processes WHERE program = ?", [(p.name,) for p in self.programs])
-                wall = time.time()
-                conn.executemany(
-                    "INSERT OR REPLACE INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
-                    "started_at, updated_at, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(p.name, p.program.name, self.host, os.getpid(), p.state, p.pid, p.state_since, p.started_at, wall,
-                      p.description) for p in self.processes],
-                )
-                beats = conn.execute("SELECT pid, beat_at FROM jobrunner_workers WHERE host = ? AND ppid = ?",
-                                     (self.host, os.getpid())).fetchall()
-            if waited > interval:
-                # the write lock was held (a long transaction): no worker could beat meanwhile
-                self._contended_until = time.monotonic() + 2 * interval
-            if time.monotonic() >= self._contended_until:
-                self._kill_silent(dict(beats), time.time())
+            if last:
+                self.transport.sync_processes(self.host, [], remove=[p.name for p in self.processes])
+                return
+            children = self.transport.sync_processes(self.host, rows,
+                                                     clear_programs=[p.name for p in self.programs] if first else ())
+            if time.monotonic() - asked > interval:
+                self._judge.forgive()  # the write lock was held (a long transaction): no worker could beat meanwhile
+            self._kill_silent(children)
+            self.transport.maintain()
         except JobRunnerError as exc:
-            self._contended_until = time.monotonic() + 2 * interval
+            self._judge.forgive()
             self._log.error("cannot record process states: %s", exc)
         finally:
             self.transport.close()
 
-    def _kill_silent(self, beats, wall):
+    def _kill_silent(self, children):
         """SIGKILL a worker that stopped beating (hung, or SIGSTOPped): its message is retried elsewhere."""
-        timeout = self.transport.settings.heartbeat_timeout
+        beats = {pid: count for pid, count in children.values()}
+        counters = {}
         for proc in self.processes:
-            # another worker may have declared it dead and deleted its row: go on from the last beat seen
-            beat = proc.last_beat = beats.get(proc.pid, proc.last_beat)
-            if beat is not None and proc.state in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING) and wall - beat > timeout:
-                self._log.error("%s (pid %d) has not beaten for %.0fs: killing it", proc.name, proc.pid, wall - beat)
-                self._signal(proc, signal.SIGKILL)
+            if proc.pid is None or proc.state not in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING):
+                continue
+            # another worker may have declared it dead and deleted its row: keep judging the last count seen
+            proc.last_beats = beats.get(proc.pid, proc.last_beats)
+            if proc.last_beats is not None:
+                counters[proc.name] = (proc.pid, proc.last_beats)
+        silent = self._judge.silent(counters)
+        for proc in self.processes:
+            if proc.name in silent and proc.pid is not None:
+                self._log.error("%s (pid %d) has not beaten for %gs: killing it", proc.name, proc.pid,
+                                self._judge.timeout)
+                self._kill(proc)
 
 
 def _max_fd():
@@ -2665,12 +3257,15 @@ def _max_fd():
 
 
 def _make_private_dir(path):
+    existed = os.path.isdir(path)
     try:
         _makedirs_private(path)
     except OSError as exc:
         raise ConfigurationError("cannot create log directory %s: %s" % (path, exc.strerror or exc)) from None
     if not os.access(path, os.W_OK):
         raise ConfigurationError("log directory %s is not writable" % path)
+    if existed:
+        _warn_if_shared_directory(path, "log")
 
 
 def _flush_std_streams():
@@ -2679,23 +3274,17 @@ def _flush_std_streams():
             stream.flush()
 
 
+_UNHEALTHY_STATES = (_Process.BACKOFF, _Process.FATAL, _Process.STOPPED, "UNKNOWN")
+
+
 def _read_status(transport):
     """Every supervised process and standalone worker on this database, as ``status --json`` prints them."""
-    conn = transport.connection(create=False)
+    procs, workers = transport.status_rows()
     now = time.time()
-    try:
-        procs = conn.execute(
-            "SELECT name, program, host, supervisor_pid, state, pid, state_since, started_at, updated_at, description "
-            "FROM jobrunner_processes ORDER BY name").fetchall()
-        workers = conn.execute(
-            "SELECT name, host, pid, ppid, started_at, beat_at, handled, rss_bytes, queues FROM jobrunner_workers ORDER BY name"
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise _storage_error(exc, transport.path) from None
     by_pid = {(w[1], w[2]): w for w in workers}
     here = _host_identity()
     out, seen = [], set()
-    for name, program, host, sup_pid, state, pid, since, started, updated, description in procs:
+    for name, program, host, sup_pid, state, pid, since, started, updated, description, exit_status in procs:
         worker = by_pid.get((host, pid)) if pid else None
         if worker:
             seen.add((host, pid))
@@ -2707,41 +3296,54 @@ def _read_status(transport):
             "pid": pid,
             "uptime_s": round(now - started, 1) if pid and started else None,
             "handled": worker[6] if worker else 0,
-            "rss_bytes": worker[7] if worker else None,
+            "failed": worker[7] if worker else 0,
+            "rss_bytes": worker[8] if worker else None,
             "beat_age_s": round(now - worker[5], 1) if worker else None,
             "supervisor_pid": sup_pid,
+            "exit_status": exit_status,
             "description": "supervisor (pid %d) is gone" % sup_pid if stale and host == here else
             "supervisor not responding for %.0fs" % (now - updated) if stale else description,
         })
-    for name, host, pid, ppid, started, beat, handled, rss, queues in workers:
+    for name, host, pid, ppid, started, beat, handled, failed, rss, queues in workers:
         if (host, pid) in seen:
             continue
         out.append({"name": name, "program": None, "state": "RUNNING", "pid": pid, "uptime_s": round(now - started, 1),
-                    "handled": handled, "rss_bytes": rss, "beat_age_s": round(now - beat, 1), "supervisor_pid": None,
-                    "description": "standalone worker on %s" % queues})
+                    "handled": handled, "failed": failed, "rss_bytes": rss, "beat_age_s": round(now - beat, 1),
+                    "supervisor_pid": None, "exit_status": None, "description": "standalone worker on %s" % queues})
     return {"processes": out}
 
 
-def _check_health(transport, max_ready=None, max_failed=None, max_age=None):
-    """``(healthy, reasons, stats)``: the database answers, supervised workers run and beat, thresholds hold."""
-    reasons = []
+def _judge_process(proc, timeout):
+    """Why this process is unhealthy, or None.
+
+    A planned restart is healthy: STARTING, and EXITED after exit status 0
+    (a limit, SIGHUP, ``stop-workers``).  BACKOFF, FATAL, a crash and a
+    silent worker are not.
+    """
+    state = proc["state"]
+    about = "%s (pid %s)" % (proc["name"], proc["pid"]) if proc["pid"] else proc["name"]
+    if state in _UNHEALTHY_STATES or (state == _Process.EXITED and proc.get("exit_status") != 0):
+        return "%s is %s%s" % (proc["name"], state, ": " + proc["description"] if proc["description"] else "")
+    if state == _Process.RUNNING:
+        if proc["beat_age_s"] is None:
+            return "%s is not registered as a worker" % about
+        if proc["beat_age_s"] > timeout:
+            return "%s has not beaten for %.0fs" % (about, proc["beat_age_s"])
+    return None
+
+
+def _check_health(transport, max_ready=None, max_failed=None, max_age=None, allow_no_workers=False):
+    """``(healthy, reasons, report)``: the database answers, workers live and beat, thresholds hold."""
     try:
         stats = transport.stats()
         status = _read_status(transport)
     except JobRunnerError as exc:
-        return False, [str(exc)], None
+        return False, [str(exc)], {"queues": [], "processes": [], "failed": None}
     timeout = transport.settings.heartbeat_timeout
-    for proc in status["processes"]:
-        if proc["supervisor_pid"] is None:
-            if proc["beat_age_s"] is not None and proc["beat_age_s"] > timeout:
-                reasons.append("worker %s (pid %s) has not beaten for %.0fs" % (proc["name"], proc["pid"], proc["beat_age_s"]))
-            continue
-        if proc["state"] != _Process.RUNNING:
-            reasons.append("%s is %s%s" % (proc["name"], proc["state"], ": " + proc["description"] if proc["description"] else ""))
-        elif proc["beat_age_s"] is None:
-            reasons.append("%s (pid %s) is not registered as a worker" % (proc["name"], proc["pid"]))
-        elif proc["beat_age_s"] > timeout:
-            reasons.append("%s (pid %s) has not beaten for %.0fs" % (proc["name"], proc["pid"], proc["beat_age_s"]))
+    reasons = [r for r in (_judge_process(p, timeout) for p in status["processes"]) if r]
+    live = [p for p in status["processes"] if p["state"] in (_Process.RUNNING, _Process.STARTING)]
+    if not live and not allow_no_workers:
+        reasons.append("no worker is running on %s (--allow-no-workers if that is expected)" % transport.where)
     ready = sum(q["ready"] for q in stats["queues"])
     if max_ready is not None and ready > max_ready:
         reasons.append("%d messages ready, more than %d" % (ready, max_ready))
@@ -2750,7 +3352,8 @@ def _check_health(transport, max_ready=None, max_failed=None, max_age=None):
     ages = [q["oldest_ready_age_s"] for q in stats["queues"] if q["oldest_ready_age_s"] is not None]
     if max_age is not None and ages and max(ages) > max_age:
         reasons.append("oldest ready message waited %.1fs, more than %gs" % (max(ages), max_age))
-    return not reasons, reasons, stats
+    report = {"queues": stats["queues"], "failed": stats["failed"], "processes": status["processes"]}
+    return not reasons, reasons, report
 
 
 # --- The command line -----------------------------------------------------------
@@ -2827,7 +3430,7 @@ def _build_cli():
     def get_transport(app_spec, dsn):
         """Commands that only read or manage the database work from a DSN alone."""
         if dsn and not _find_app_spec(app_spec):
-            return None, SqliteTransport(Settings.from_dsn(dsn))
+            return None, _open_transport(Settings.from_dsn(dsn))
         if not _find_app_spec(app_spec):
             raise ConfigurationError("no database: give --dsn (or JOBRUNNER_DSN), or an app with --app, JOBRUNNER_APP or "
                                      "[tool.jobrunner] app in ./pyproject.toml")
@@ -2938,7 +3541,7 @@ def _build_cli():
     def stop_workers(as_json, app_spec, dsn):
         """Ask every running worker on the database to finish its current message and exit."""
         _, transport = get_transport(app_spec, dsn)
-        count = _request_stop_workers(transport)
+        count = transport.request_stop()
         if as_json:
             return echo_json({"asked": count})
         click.echo("asked %d running worker(s) to stop after their current message" % count)
@@ -3037,7 +3640,7 @@ def _build_cli():
     def failed_retry(ids, all_, force, as_json, app_spec, dsn):
         """Put failed messages back on their original queues, with their attempt count reset."""
         _, transport = get_transport(app_spec, dsn)
-        act_on_failed(transport, ids, all_, force, "retry", transport.requeue_failed, as_json)
+        act_on_failed(transport, ids, all_, force, "retry", lambda i, c: transport.requeue_failed(i, c)[0], as_json)
 
     @failed.command("remove")
     @click.argument("ids", type=int, nargs=-1)
@@ -3119,14 +3722,15 @@ def _build_cli():
     @click.option("--max-ready", type=COUNT, help="Unhealthy above this many ready messages.")
     @click.option("--max-failed", type=COUNT, help="Unhealthy above this many failed messages.")
     @click.option("--max-age", type=SECONDS, help="Unhealthy when the oldest ready message waited longer (seconds).")
+    @click.option("--allow-no-workers", is_flag=True, help="Healthy even when no worker runs.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @app_options
-    def health(max_ready, max_failed, max_age, as_json, app_spec, dsn):
-        """Exit 0 when the database answers, supervised workers run and beat, and the thresholds hold; else 1."""
+    def health(max_ready, max_failed, max_age, allow_no_workers, as_json, app_spec, dsn):
+        """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
         _, transport = get_transport(app_spec, dsn)
-        healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age)
+        healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers)
         if as_json:
-            echo_json({"healthy": healthy, "reasons": reasons, "stats": data})
+            echo_json(dict({"healthy": healthy, "reasons": reasons}, **data))
         elif healthy:
             ready = sum(q["ready"] for q in data["queues"])
             click.echo("OK: %d ready, %d failed" % (ready, data["failed"]))

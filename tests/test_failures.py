@@ -280,7 +280,6 @@ def test_worker_dying_mid_handler_counts_the_attempt_so_the_message_ends_in_the_
 GARBAGE = [
     # body, headers, what the reason says
     ("{not json", '{"handler": "note"}', "body is not valid JSON"),
-    ('{"n": 1}', '{"handler": "no_such_handler"}', "no handler named 'no_such_handler' is registered"),
     ('{"n": 1}', "{}", "no handler named None is registered"),
     ('{"n": 1}', "handler=note", "headers are not a JSON object"),
     ('{"n": 1}', '["note"]', "headers are not a JSON object"),
@@ -288,6 +287,23 @@ GARBAGE = [
     ("{}", '{"handler": "note"}', "payload does not fit handler note: missing argument 'n'"),
     ("[1, 2]", '{"handler": "note"}', "the payload of note must be a JSON object (a dict), not list"),
 ]
+
+
+def test_a_message_for_a_handler_this_worker_lacks_is_retried_with_backoff_before_it_fails(project, app):
+    # A rolling deploy: an old worker meets a message for a handler only the new code has.
+    app.setup()
+    msg_id = insert(project, '{"n": 1}', '{"handler": "added_in_the_next_release"}')
+    result = cli_ok(project, "consume", "async", "--limit", 1, "--time-limit", "10", "-v")
+    assert "no handler named 'added_in_the_next_release' is registered in this worker; retrying in" in result.stderr
+    row = rows(project)[msg_id]
+    assert row["queue_name"] == "async" and row["available_at"] > time.time()  # back on its queue, later
+    assert failed_list(project)["total"] == 0
+    # the app's strategy (jobapp: max_retries=3, delay 0.05 s) runs out: then, and only then, it fails
+    cli_ok(project, "consume", "async", "--limit", 3, "--time-limit", "20")
+    detail = failed_detail(project, msg_id)
+    assert detail["error_class"] == "jobrunner.InvalidMessage"
+    assert detail["error_message"] == "no handler named 'added_in_the_next_release' is registered in this worker"
+    assert detail["attempts"] == 4 and detail["payload"] == {"n": 1}
 
 
 def test_garbage_rows_go_to_the_failure_queue_untouched_while_good_messages_around_them_are_handled(project, app):
@@ -510,10 +526,11 @@ def test_failed_show_one_id_gives_the_detail_and_the_traceback_with_v(project):
 def test_failed_show_stats_groups_by_handler_and_error_class(project, app):
     app.setup()
     insert(project, '{"m": 1}', '{"handler": "note"}')
-    insert(project, '{"n": 1}', '{"handler": "no_such_handler"}')
+    # failed elsewhere (by a worker of another release, say)
+    insert(project, '{"n": 1}', '{"handler": "no_such_handler", "error_class": "InvalidMessage"}', queue="failed")
     for n in (1, 2):
         app.dispatch("unrecoverable", {"n": n})
-    cli_ok(project, "consume", "async", "--limit", "4", "--time-limit", "20")
+    cli_ok(project, "consume", "async", "--limit", "3", "--time-limit", "20")
     error_class = next(e["error_class"] for e in failed_list(project)["failed"] if e["handler"] == "unrecoverable")
 
     data = cli_json(project, "failed", "show", "--stats")

@@ -72,7 +72,7 @@ def check_all_handled(project, count, kills):
 def test_workers_killed_at_random_lose_nothing(project):
     count = 3000
     fill(project, count)
-    supervisor = project.start("supervise", "async", "--numprocs", "3", "--startsecs", "0.2", "--log-dir", "var/log",
+    supervisor = project.start("supervise", "async", "--numprocs", "3", "--log-dir", "var/log",
                                env=RELIAPP)
     kills = 0
     rng = random.Random(1)
@@ -97,7 +97,7 @@ def test_workers_killed_at_random_lose_nothing(project):
 def test_supervisor_killed_and_restarted_loses_nothing(project):
     count = 2000
     fill(project, count)
-    args = ("supervise", "async", "--numprocs", "2", "--startsecs", "0.2", "--log-dir", "var/log")
+    args = ("supervise", "async", "--numprocs", "2", "--log-dir", "var/log")
     first = project.start(*args, env=RELIAPP)
     started = time.monotonic()
     wait_until(lambda: len(project.values()) > count // 3, timeout=30, message="a third handled")

@@ -90,7 +90,7 @@ def test_claim_query_uses_the_partial_ready_index(jobs):
     index_name = ready[0].split()[2]
     conn = sqlite3.connect(db)
     conn.execute("ANALYZE")
-    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + jobrunner._SQL_CLAIM, (1.0, 1, "async", 2.0)).fetchall()]
+    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + jobs.transport.sql["claim"], (1.0, 1, "async", 2.0)).fetchall()]
     conn.close()
     assert any(("USING INDEX %s" % index_name) in line or ("USING COVERING INDEX %s" % index_name) in line
                for line in plan), plan
@@ -487,6 +487,7 @@ def _open_and_use(path, writer, results):
         else:
             while not os.path.exists(path):
                 pass
+            transport.setup()  # every process may be the first to create the tables
             jr._read_status(transport)
         results.put("ok")
     except Exception as exc:  # reported, not raised: the parent counts them

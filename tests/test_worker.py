@@ -133,14 +133,24 @@ def test_failure_limit_stops_the_worker_after_that_many_failed_attempts(project,
 
 
 def test_memory_limit_stops_the_worker_between_messages(project, app):
-    ids = app.dispatch_many("note", [{"n": i} for i in range(3)])
-    result = project.cli("consume", "async", "--memory-limit", "1M", "--time-limit", "20")
+    # The limit sits between the first message and the second: the first grows the worker by 128 MiB.
+    supapp = {"JOBRUNNER_APP": "supapp"}
+    grow = project.cli("dispatch", "grow", '{"n": 1, "mb": 128}', env=supapp)
+    ids = [int(grow.stdout)] + app.dispatch_many("note", [{"n": i} for i in range(2, 4)])
+    result = project.cli("consume", "async", "--memory-limit", "100M", "--time-limit", "20", env=supapp)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"memory limit of 1(\.0)?M", result.stderr), result.stderr
-    handled = project.values("note")
-    left = messages(project.db)
-    assert len(handled) + len(left) == 3
-    assert left == [(i, "async", 0, 0) for i in ids[len(handled):]]
+    assert re.search(r"stopped: memory limit of 100\.0M exceeded \(RSS 1\d\d\.\dM\) \(1 messages", result.stderr), \
+        result.stderr
+    assert project.values("note") == ["1"]  # the first message, and not one more
+    assert messages(project.db) == [(i, "async", 0, 0) for i in ids[1:]]
+
+
+def test_a_memory_limit_below_the_workers_own_footprint_is_refused_at_start(project, app):
+    app.dispatch_many("note", [{"n": i} for i in range(3)])
+    result = project.cli("consume", "async", "--memory-limit", "1M", "--time-limit", "20")
+    assert result.returncode == 1
+    assert "stopped: memory limit of 1.0M is below this worker's own footprint (RSS " in result.stderr
+    assert project.values("note") == [] and len(messages(project.db)) == 3
 
 
 @pytest.mark.parametrize("size", ["128M", "1G"])
