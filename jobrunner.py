@@ -113,6 +113,17 @@ class HandlerTimeout(JobRunnerError):
     """A handler ran past its ``timeout``; the attempt counts as failed."""
 
 
+def _error_class(exc):
+    """The name an error is recorded under: ``ValueError``, ``jobrunner.HandlerTimeout``, ``requests.Timeout``."""
+    cls = type(exc)
+    module = "jobrunner" if cls.__module__ == __name__ else cls.__module__  # also when run as a script (__main__)
+    return cls.__qualname__ if module in ("builtins", "__main__") else "%s.%s" % (module, cls.__qualname__)
+
+
+def _format_exception(exc):
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
 # --- DSN and settings ---------------------------------------------------------
 
 _KIB, _MIB = 1024, 1024 * 1024
@@ -1814,22 +1825,54 @@ def _find_app_spec(app=None):
     if os.environ.get("JOBRUNNER_APP"):
         return os.environ["JOBRUNNER_APP"]
     try:
-        import tomllib
-    except ImportError:  # Python < 3.11
-        return None
-    try:
         with open("pyproject.toml", "rb") as f:
-            config = tomllib.load(f)
+            text = f.read()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError("cannot read ./pyproject.toml: %s" % exc) from None
-    tool = config.get("tool")
-    section = tool.get("jobrunner") if isinstance(tool, dict) else None
-    spec = section.get("app") if isinstance(section, dict) else None
+    except OSError as exc:
+        raise ConfigurationError("cannot read ./pyproject.toml: %s" % (exc.strerror or exc)) from None
+    spec = _pyproject_app(text)
     if spec is not None and not isinstance(spec, str):
         raise ConfigurationError("[tool.jobrunner] app in ./pyproject.toml must be a string like \"myapp.jobs:jobs\"")
     return spec
+
+
+def _pyproject_app(text):
+    """``[tool.jobrunner] app`` from a pyproject.toml's bytes (tomllib, else tomli, else the one line we need)."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ImportError:
+            tomllib = None
+    if tomllib is not None:
+        try:
+            config = tomllib.loads(text.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigurationError("cannot read ./pyproject.toml: %s" % exc) from None
+        tool = config.get("tool")
+        section = tool.get("jobrunner") if isinstance(tool, dict) else None
+        return section.get("app") if isinstance(section, dict) else None
+    # No TOML parser: read the table header and the one key, in the forms a person writes them.
+    section = None
+    for line in text.decode("utf-8", "replace").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("["):
+            section = line.strip("[] \t").replace(" ", "")
+        elif section == "tool.jobrunner":
+            match = re.fullmatch(r"app\s*=\s*(\"[^\"]*\"|'[^']*')", line)
+            if match:
+                return match.group(1)[1:-1]
+    return None
+
+
+class _AppImportError(ConfigurationError):
+    """The app module raised while it was imported; ``details`` holds the traceback (shown with -v)."""
+
+    def __init__(self, summary, details):
+        super().__init__(summary + " (-v shows the traceback)")
+        self.summary, self.details = summary, details
 
 
 def _load_app(spec):
@@ -1843,10 +1886,16 @@ def _load_app(spec):
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
     except ImportError as exc:
         if getattr(exc, "name", None) and module_name.startswith(exc.name):
             raise ConfigurationError("cannot import app module %r: %s" % (module_name, exc)) from None
-        raise
+        raise _AppImportError("app module %r failed to import: %s: %s" % (module_name, _error_class(exc), exc),
+                              _format_exception(exc)) from None
+    except BaseException as exc:  # the app's own code raised (or exited) while it was imported
+        raise _AppImportError("app module %r failed to import: %s: %s" % (module_name, _error_class(exc), exc),
+                              _format_exception(exc)) from None
     if attr:
         obj = module
         for part in attr.split("."):
@@ -1861,6 +1910,7 @@ def _load_app(spec):
         what = "no JobRunner" if not found else "several JobRunners (%s)" % ", ".join(sorted(found))
         raise ConfigurationError("app module %r has %s: name one with --app %s:NAME" % (module_name, what, module_name))
     return next(iter(found.values()))
+
 
 
 # --- The worker loop ----------------------------------------------------------------
@@ -1889,16 +1939,6 @@ def _configure_logging(verbosity, name="worker", stream=None):
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(verbosity, _SQL_TRACE))
     root.propagate = False
-
-
-def _error_class(exc):
-    cls = type(exc)
-    module = "jobrunner" if cls.__module__ == __name__ else cls.__module__  # also when run as a script (__main__)
-    return cls.__qualname__ if module in ("builtins", "__main__") else "%s.%s" % (module, cls.__qualname__)
-
-
-def _format_exception(exc):
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 class _SilenceJudge:
@@ -3123,7 +3163,8 @@ class Supervisor:
             code = worker.exit_code
         except JobRunnerError as exc:
             with contextlib.suppress(Exception):
-                sys.stderr.write("jobrunner: error: %s\n" % exc)
+                sys.stderr.write(getattr(exc, "details", ""))  # a failed app import: its traceback, then what it was
+                sys.stderr.write("jobrunner: error: %s\n" % getattr(exc, "summary", exc))
             code = exc.exit_code
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -3357,6 +3398,126 @@ def _check_health(transport, max_ready=None, max_failed=None, max_age=None, allo
 
 
 # --- The command line -----------------------------------------------------------
+#
+# Each command is a plain function here, declared with the parameters it takes;
+# _cli() turns them into click commands when the command line runs, so that
+# importing jobrunner needs no click.
+
+_COMMANDS = []  # (path, params, attrs, function), in the order `jobrunner --help` lists them
+
+
+class _Param:
+    """A click option or argument, described without importing click; ``type`` may name one of _cli()'s types."""
+
+    def __init__(self, kind, *decls, **attrs):
+        self.kind, self.decls, self.attrs = kind, decls, attrs
+
+
+def _option(*decls, **attrs):
+    return _Param("option", *decls, **attrs)
+
+
+def _argument(*decls, **attrs):
+    return _Param("argument", *decls, **attrs)
+
+
+def _command(path, *params, **attrs):
+    """Declare a command (``"stats"``, ``"failed retry"``) or, with ``group=True``, a group of commands."""
+
+    def declare(fn):
+        flat = []
+        for param in params:
+            flat.extend(param if isinstance(param, (tuple, list)) else [param])
+        _COMMANDS.append((path, flat, attrs, fn))
+        return fn
+
+    return declare
+
+
+_JSON = _option("--json", "as_json", is_flag=True, help="Print JSON.")
+_APP = (
+    _option("--app", "app_spec", metavar="MODULE[:ATTR]",
+            help="The module that builds the JobRunner. Default: $JOBRUNNER_APP, else [tool.jobrunner] app in "
+                 "./pyproject.toml."),
+    _option("--dsn", envvar="JOBRUNNER_DSN", metavar="DSN",
+            help="Database: sqlite:///path.db or a path. Default: $JOBRUNNER_DSN, else the app's, else ./jobrunner.db."),
+)
+_VERBOSITY = _option("-v", "--verbose", "verbosity", count=True, help="-v each message, -vv details, -vvv everything.")
+_LIMITS = (
+    _option("--limit", type="count", help="Stop after handling this many messages."),
+    _option("--failure-limit", type="count", help="Stop after this many failed attempts."),
+    _option("--memory-limit", type="memory", help="Stop when RSS exceeds this (128M, 1G)."),
+    _option("--time-limit", type="seconds", help="Stop after this many seconds."),
+    _option("--sleep", type="seconds", default=1.0, show_default=True,
+            help="Longest idle wait between polls; new messages wake the worker at once."),
+    _option("--heartbeat-timeout", type="positive",
+            help="Seconds of silence after which a worker counts as dead and its message is released."),
+    _VERBOSITY,
+)
+_FAILED_FILTERS = (
+    _option("--handler", "handlers", multiple=True, metavar="NAME", help="Only messages of this handler (repeatable)."),
+    _option("--error", "errors", multiple=True, metavar="CLASS",
+            help="Only messages that failed with this error class, e.g. ConnectionError (repeatable)."),
+    _option("--queue", "queues", multiple=True, metavar="QUEUE", help="Only messages from this queue (repeatable)."),
+    _option("--since", type="when", help="Only messages failed since: 1h, 30m, 2d ago, a date or a Unix time."),
+    _option("--until", type="when", help="Only messages failed before this."),
+)
+
+
+def _echo(text="", err=False):
+    import click
+
+    click.echo(text, err=err)
+
+
+def _echo_json(data):
+    _echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+_NO_APP = ("no app: give --app module[:attr], set JOBRUNNER_APP, or add [tool.jobrunner] app = \"module:attr\" to "
+           "./pyproject.toml")
+_DEFAULT_DATABASE = "jobrunner.db"
+
+
+def _app_from(app_spec, dsn, **settings):
+    """The app, imported; pointed at ``dsn`` when one is given."""
+    spec = _find_app_spec(app_spec)
+    if spec is None:
+        raise ConfigurationError(_NO_APP)
+    app = _load_app(spec)
+    if dsn or any(v is not None for v in settings.values()):
+        app.use_dsn(dsn, **settings)
+    return app
+
+
+def _transport_from(app_spec, dsn):
+    """``(app or None, transport)`` for commands that only read or manage the database.
+
+    A DSN is enough and then the app is not imported; without one the app
+    names the database; with neither, ``./jobrunner.db`` if it exists (the
+    library's own default).
+    """
+    if dsn:
+        return None, _open_transport(Settings.from_dsn(dsn))
+    if _find_app_spec(app_spec):
+        app = _app_from(app_spec, None)
+        return app, app.transport
+    if os.path.exists(_DEFAULT_DATABASE):
+        return None, _open_transport(Settings.from_dsn(_DEFAULT_DATABASE))
+    raise ConfigurationError("no database: give --dsn (or JOBRUNNER_DSN), or an app with --app, JOBRUNNER_APP or "
+                             "[tool.jobrunner] app in ./pyproject.toml (or run it where ./%s is)" % _DEFAULT_DATABASE)
+
+
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text, keep_newlines=False):
+    """Stored text as a terminal may show it: control characters escaped, so a row cannot rewrite the screen."""
+    text = str(text)
+    if not keep_newlines:
+        text = text.replace("\n", "\\n")
+    return _CONTROL_CHARACTERS.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256
+                                   else "\\u%04x" % ord(m.group()), text.replace("\t", "    "))
 
 
 def _format_time(ts):
@@ -3390,368 +3551,375 @@ def _shorten(text, width):
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _build_cli():
-    """The click command group; built on demand so that importing jobrunner needs no click."""
-    import click
+def _parse_when(text, now=None):
+    """Unix seconds from ``1h`` / ``30m`` / ``2d`` / ``90s`` (ago), an ISO date and time, or a Unix time."""
+    import datetime
 
-    class Size(click.ParamType):
-        name = "size"
+    now = time.time() if now is None else now
+    text = str(text).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
+    if match:
+        return now - float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError("not a time: %r (use 1h, 30m, 2d, 2026-11-26T10:00 or a Unix time)" % text) from None
 
-        def convert(self, value, param, ctx):
-            if isinstance(value, int):
-                return value
-            try:
-                return _parse_size(value)
-            except ValueError as exc:
-                self.fail(str(exc), param, ctx)
 
-    SIZE = Size()
-    SECONDS = click.FloatRange(min=0)
-    COUNT = click.IntRange(min=0)
+# Messages
 
-    def app_options(fn):
-        fn = click.option("--dsn", envvar="JOBRUNNER_DSN", metavar="DSN",
-                          help="Database: sqlite:///path.db or a path. Default: $JOBRUNNER_DSN, else the app's.")(fn)
-        fn = click.option("--app", "app_spec", metavar="MODULE[:ATTR]",
-                          help="The module that builds the JobRunner. Default: $JOBRUNNER_APP, else "
-                               "[tool.jobrunner] app in ./pyproject.toml.")(fn)
-        return fn
 
-    def get_app(app_spec, dsn, **settings):
-        spec = _find_app_spec(app_spec)
-        if spec is None:
-            raise ConfigurationError("no app: give --app module[:attr], set JOBRUNNER_APP, or add [tool.jobrunner] "
-                                     "app = \"module:attr\" to ./pyproject.toml")
-        app = _load_app(spec)
-        if dsn or any(v is not None for v in settings.values()):
-            app.use_dsn(dsn, **settings)
-        return app
+@_command("setup", _JSON, _APP)
+def _cmd_setup(as_json, app_spec, dsn):
+    """Create the database and its tables, or add our columns to an existing Symfony table."""
+    _, transport = _transport_from(app_spec, dsn)
+    where = transport.setup()
+    _echo_json({"database": where}) if as_json else _echo("database ready: %s" % where)
 
-    def get_transport(app_spec, dsn):
-        """Commands that only read or manage the database work from a DSN alone."""
-        if dsn and not _find_app_spec(app_spec):
-            return None, _open_transport(Settings.from_dsn(dsn))
-        if not _find_app_spec(app_spec):
-            raise ConfigurationError("no database: give --dsn (or JOBRUNNER_DSN), or an app with --app, JOBRUNNER_APP or "
-                                     "[tool.jobrunner] app in ./pyproject.toml")
-        app = get_app(app_spec, dsn)
-        return app, app.transport
 
-    def echo_json(data):
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+@_command("dispatch", _argument("name"), _argument("payload", default="{}", required=False),
+          _option("--queue", "-q", help="Queue to use instead of the handler's."),
+          _option("--delay", type="seconds", default=0, show_default=True, help="Seconds before it may be handled."),
+          _JSON, _VERBOSITY, _APP)
+def _cmd_dispatch(name, payload, queue, delay, as_json, verbosity, app_spec, dsn):
+    """Enqueue a message for handler NAME with a JSON object PAYLOAD; print its id."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidMessage("PAYLOAD is not valid JSON: %s" % exc) from None
+    if not isinstance(data, dict):
+        raise InvalidMessage("PAYLOAD must be a JSON object like '{\"to\": \"a@b.c\"}', not %s" % type(data).__name__)
+    app = _app_from(app_spec, dsn)
+    message_id = app.dispatch(name, data, queue=queue, delay=delay)
+    _echo_json({"id": message_id}) if as_json else _echo(message_id)
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-    @click.version_option(__version__, prog_name="jobrunner")
-    def cli():
-        """A durable SQLite job queue, its workers and their supervisor."""
 
-    @cli.command()
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def setup(as_json, app_spec, dsn):
-        """Create the database and its tables (like messenger:setup-transports)."""
-        _, transport = get_transport(app_spec, dsn)
-        path = transport.setup()
-        echo_json({"database": path}) if as_json else click.echo("database ready: %s" % path)
+@_command("consume", _argument("queues", nargs=-1), _LIMITS, _APP)
+def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, app_spec,
+                 dsn):
+    """Handle messages from QUEUES, the first non-empty one first (default: every queue of the app).
 
-    @cli.command()
-    @click.argument("name")
-    @click.argument("payload", default="{}", required=False)
-    @click.option("--queue", "-q", help="Queue to use instead of the handler's.")
-    @click.option("--delay", type=SECONDS, default=0, show_default=True, help="Seconds before it may be handled.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def dispatch(name, payload, queue, delay, as_json, app_spec, dsn):
-        """Enqueue a message for handler NAME with a JSON object PAYLOAD; print its id."""
-        try:
-            data = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidMessage("PAYLOAD is not valid JSON: %s" % exc) from None
-        if not isinstance(data, dict):
-            raise InvalidMessage("PAYLOAD must be a JSON object like '{\"to\": \"a@b.c\"}', not %s" % type(data).__name__)
-        app = get_app(app_spec, dsn)
-        message_id = app.dispatch(name, data, queue=queue, delay=delay)
-        echo_json({"id": message_id}) if as_json else click.echo(message_id)
+    Stops after the current message on SIGTERM, SIGINT, `stop-workers` or a
+    limit, and exits 0.
+    """
+    _configure_logging(verbosity)
+    app = _app_from(app_spec, dsn, heartbeat_timeout=heartbeat_timeout)
+    worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
+                        time_limit=time_limit, sleep=sleep, name="consume", owns_process=True)
+    worker.run()
+    sys.exit(worker.exit_code)
 
-    def limit_options(fn):
-        for decorator in reversed([
-            click.option("--limit", type=COUNT, help="Stop after handling this many messages."),
-            click.option("--failure-limit", type=COUNT, help="Stop after this many failed attempts."),
-            click.option("--memory-limit", type=SIZE, help="Stop when RSS exceeds this (128M, 1G)."),
-            click.option("--time-limit", type=SECONDS, help="Stop after this many seconds."),
-            click.option("--sleep", type=SECONDS, default=1.0, show_default=True,
-                         help="Longest idle wait between polls; new messages wake the worker at once."),
-            click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True),
-                         help="Seconds of silence after which a worker counts as dead and its message is released."),
-            click.option("-v", "--verbose", "verbosity", count=True, help="-v each message, -vv details, -vvv everything."),
-        ]):
-            fn = decorator(fn)
-        return fn
 
-    @cli.command()
-    @click.argument("queues", nargs=-1)
-    @limit_options
-    @app_options
-    def consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, app_spec, dsn):
-        """Handle messages from QUEUES, the first non-empty one first (default: every queue of the app).
+@_command("handlers", _JSON, _VERBOSITY, _APP)
+def _cmd_handlers(as_json, verbosity, app_spec, dsn):
+    """List the registered handlers with their queue and retry settings (like debug:messenger)."""
+    app = _app_from(app_spec, dsn)
+    described = [h.describe() for h in app.handlers.values()]
+    if as_json:
+        return _echo_json({"handlers": described})
+    if not described:
+        return _echo("no handlers registered")
+    rows = [[d["name"], d["queue"], d["max_retries"], "%gs x%g" % (d["delay"], d["multiplier"]),
+             "-" if d["max_delay"] is None else "%gs" % d["max_delay"], "-" if d["timeout"] is None else "%gs" % d["timeout"],
+             "yes" if d["transactional"] else "no", d["function"]] for d in described]
+    _echo(_table(rows, ["handler", "queue", "retries", "backoff", "max delay", "timeout", "transactional", "function"]))
 
-        Stops after the current message on SIGTERM, SIGINT, `stop-workers` or a
-        limit, and exits 0.
-        """
-        _configure_logging(verbosity)
-        app = get_app(app_spec, dsn, heartbeat_timeout=heartbeat_timeout)
-        worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
-                            time_limit=time_limit, sleep=sleep, name="consume")
-        worker.run()
-        sys.exit(worker.exit_code)
 
-    @cli.command()
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def handlers(as_json, app_spec, dsn):
-        """List the registered handlers with their queue and retry settings (like debug:messenger)."""
-        app = get_app(app_spec, dsn)
-        described = [h.describe() for h in app.handlers.values()]
-        if as_json:
-            return echo_json({"handlers": described})
-        if not described:
-            return click.echo("no handlers registered")
-        rows = [[d["name"], d["queue"], d["max_retries"], "%gs x%g" % (d["delay"], d["multiplier"]),
-                 "-" if d["max_delay"] is None else "%gs" % d["max_delay"], "-" if d["timeout"] is None else "%gs" % d["timeout"],
-                 "yes" if d["transactional"] else "no", d["function"]] for d in described]
-        click.echo(_table(rows, ["handler", "queue", "retries", "backoff", "max delay", "timeout", "transactional", "function"]))
+@_command("stats", _JSON, _APP)
+def _cmd_stats(as_json, app_spec, dsn):
+    """Ready, delayed and in-flight messages per queue, and the failed count."""
+    app, transport = _transport_from(app_spec, dsn)
+    data = app.stats() if app else transport.stats()
+    if as_json:
+        return _echo_json(data)
+    rows = [[q["queue"], q["ready"], q["delayed"], q["in_flight"],
+             "-" if q["oldest_ready_age_s"] is None else "%.1fs" % q["oldest_ready_age_s"]] for q in data["queues"]]
+    _echo(_table(rows, ["queue", "ready", "delayed", "in flight", "oldest ready"]))
+    _echo("failed: %d" % data["failed"])
 
-    @cli.command()
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def stats(as_json, app_spec, dsn):
-        """Ready, delayed and in-flight messages per queue, and the failed count."""
-        app, transport = get_transport(app_spec, dsn)
-        data = app.stats() if app else transport.stats()
-        if as_json:
-            return echo_json(data)
-        rows = [[q["queue"], q["ready"], q["delayed"], q["in_flight"],
-                 "-" if q["oldest_ready_age_s"] is None else "%.1fs" % q["oldest_ready_age_s"]] for q in data["queues"]]
-        click.echo(_table(rows, ["queue", "ready", "delayed", "in flight", "oldest ready"]))
-        click.echo("failed: %d" % data["failed"])
 
-    @cli.command("stop-workers")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def stop_workers(as_json, app_spec, dsn):
-        """Ask every running worker on the database to finish its current message and exit."""
-        _, transport = get_transport(app_spec, dsn)
-        count = transport.request_stop()
-        if as_json:
-            return echo_json({"asked": count})
-        click.echo("asked %d running worker(s) to stop after their current message" % count)
+@_command("stop-workers", _JSON, _APP)
+def _cmd_stop_workers(as_json, app_spec, dsn):
+    """Ask every running worker on the database to finish its current message and exit."""
+    _, transport = _transport_from(app_spec, dsn)
+    count = transport.request_stop()
+    if as_json:
+        return _echo_json({"asked": count})
+    _echo("asked %d running worker(s) to stop after their current message" % count)
 
-    @cli.group()
-    def failed():
-        """Inspect, retry and remove messages in the failure queue."""
 
-    def envelope_summary(e):
-        return {"id": e.id, "handler": e.handler, "original_queue": e.headers.get("original_queue"),
-                "error_class": e.headers.get("error_class"), "error_message": e.headers.get("error_message"),
-                "attempts": e.headers.get("attempts", e.attempts), "failed_at": e.headers.get("failed_at", e.available_at)}
+# The failure queue
 
-    @failed.command("show")
-    @click.argument("message_id", type=int, required=False)
-    @click.option("--max", "max_", type=click.IntRange(min=1, max=2 ** 63 - 1), default=50, show_default=True, help="How many to list.")
-    @click.option("--stats", "by_class", is_flag=True, help="Count failed messages by handler and error class.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @click.option("-v", "--verbose", "verbosity", count=True, help="With an id: show the traceback.")
-    @app_options
-    def failed_show(message_id, max_, by_class, as_json, verbosity, app_spec, dsn):
-        """List failed messages, or show one with its error (and traceback with -v)."""
-        _, transport = get_transport(app_spec, dsn)
-        if message_id is not None:
-            found = transport.failed(ids=[message_id])
-            if not found:
-                raise UnknownMessage("no failed message with id %d" % message_id)
-            e = found[0]
-            detail = dict(envelope_summary(e), payload=e.payload, headers=e.headers, created_at=e.created_at)
-            if as_json:
-                return echo_json(detail)
-            for key in ("id", "handler", "original_queue", "error_class", "error_message", "attempts"):
-                click.echo("%-15s %s" % (key.replace("_", " "), detail[key]))
-            click.echo("%-15s %s" % ("failed at", _format_time(detail["failed_at"])))
-            click.echo("%-15s %s" % ("created at", _format_time(e.created_at)))
-            if e.headers.get("reason"):
-                click.echo("%-15s %s" % ("reason", e.headers["reason"]))
-            click.echo("%-15s %s" % ("payload", json.dumps(e.payload, ensure_ascii=False, default=_json_safe)))
-            if verbosity and e.headers.get("traceback"):
-                click.echo("\n" + e.headers["traceback"].rstrip())
-            elif e.headers.get("traceback"):
-                click.echo("\n(run with -v to see the traceback)")
-            return
-        if by_class:
-            groups = {}
-            for e in transport.failed():
+
+@_command("failed", group=True)
+def _cmd_failed():
+    """Inspect, retry and remove messages in the failure queue."""
+
+
+def _envelope_summary(e):
+    return {"id": e.id, "handler": e.handler, "original_queue": e.headers.get("original_queue"),
+            "error_class": e.headers.get("error_class"), "error_message": e.headers.get("error_message"),
+            "attempts": e.headers.get("attempts", e.attempts), "failed_at": e.headers.get("failed_at", e.available_at)}
+
+
+def _failed_filter(handlers=(), errors=(), queues=(), since=None, until=None):
+    """A predicate on failed envelopes, or None when no filter is given."""
+    if not (handlers or errors or queues or since is not None or until is not None):
+        return None
+
+    def matches(e):
+        error = str(e.headers.get("error_class") or "")
+        failed_at = e.headers.get("failed_at", e.available_at)
+        failed_at = failed_at if isinstance(failed_at, (int, float)) and not isinstance(failed_at, bool) else e.available_at
+        return ((not handlers or e.handler in handlers)
+                and (not errors or any(error == c or error.rsplit(".", 1)[-1] == c for c in errors))
+                and (not queues or e.headers.get("original_queue") in queues)
+                and (since is None or failed_at >= since) and (until is None or failed_at < until))
+
+    return matches
+
+
+@_command("failed show", _argument("message_id", type=int, required=False),
+          _option("--max", "max_", type="positive_count", default=50, show_default=True, help="How many to list."),
+          _option("--stats", "by_class", is_flag=True, help="Count failed messages by handler and error class."),
+          _FAILED_FILTERS, _JSON, _option("-v", "--verbose", "verbosity", count=True, help="With an id: the traceback."),
+          _APP)
+def _cmd_failed_show(message_id, max_, by_class, handlers, errors, queues, since, until, as_json, verbosity, app_spec,
+                     dsn):
+    """List failed messages, or show one with its error (and traceback with -v)."""
+    _, transport = _transport_from(app_spec, dsn)
+    if message_id is not None:
+        return _show_failed_message(transport, message_id, as_json, verbosity)
+    matches = _failed_filter(handlers, errors, queues, since, until)
+    if by_class:
+        groups = {}
+        for e in transport.failed():
+            if matches is None or matches(e):
                 key = (e.handler or "?", str(e.headers.get("error_class") or "?"))
                 groups[key] = groups.get(key, 0) + 1
-            data = [{"handler": h, "error_class": c, "count": n} for (h, c), n in sorted(groups.items(), key=lambda kv: -kv[1])]
-            if as_json:
-                return echo_json({"groups": data, "failed": sum(g["count"] for g in data)})
-            click.echo(_table([[g["handler"], g["error_class"], g["count"]] for g in data], ["handler", "error", "count"]))
-            return
-        envelopes = transport.failed(limit=max_)
-        total = transport.failed_count()
-        data = [envelope_summary(e) for e in envelopes]
+        data = [{"handler": h, "error_class": c, "count": n} for (h, c), n in sorted(groups.items(), key=lambda kv: -kv[1])]
         if as_json:
-            return echo_json({"failed": data, "total": total})
-        if not data:
-            return click.echo("no failed messages")
-        rows = [[d["id"], d["handler"] or "?", d["original_queue"] or "?", _shorten("%s: %s" % (d["error_class"], d["error_message"]), 60),
-                 d["attempts"], _format_time(d["failed_at"])] for d in data]
-        click.echo(_table(rows, ["id", "handler", "queue", "error", "attempts", "failed at"]))
-        if total > len(data):
-            click.echo("(%d of %d shown; use --max)" % (len(data), total))
+            return _echo_json({"groups": data, "failed": sum(g["count"] for g in data)})
+        rows = [[_printable(g["handler"]), _printable(g["error_class"]), g["count"]] for g in data]
+        return _echo(_table(rows, ["handler", "error", "count"]))
+    if matches is None:
+        envelopes, total = transport.failed(limit=max_), transport.failed_count()
+    else:
+        chosen = [e for e in transport.failed() if matches(e)]
+        envelopes, total = chosen[:max_], len(chosen)
+    data = [_envelope_summary(e) for e in envelopes]
+    if as_json:
+        return _echo_json({"failed": data, "total": total})
+    if not data:
+        return _echo("no failed messages")
+    rows = [[d["id"], _printable(d["handler"] or "?"), _printable(d["original_queue"] or "?"),
+             _printable(_shorten("%s: %s" % (d["error_class"], d["error_message"]), 60)), d["attempts"],
+             _format_time(d["failed_at"])] for d in data]
+    _echo(_table(rows, ["id", "handler", "queue", "error", "attempts", "failed at"]))
+    if total > len(data):
+        _echo("(%d of %d shown; use --max)" % (len(data), total))
 
-    def act_on_failed(transport, ids, all_, force, verb, action, as_json):
-        if all_ and ids:
-            raise click.UsageError("give message ids or --all, not both")
-        if not ids and not all_:
-            raise click.UsageError("give the ids of failed messages, or --all")
-        # unknown ids: one clear error before anything changes
-        targets = transport.failed_ids() if all_ else transport.check_failed_ids(ids)
-        done_key = {"retry": "requeued", "remove": "removed"}[verb]
-        if not targets:
-            return echo_json({done_key: 0}) if as_json else click.echo("no failed messages")
-        if len(targets) > 1 and not force:
-            click.confirm("%s %d failed messages?" % (verb.capitalize(), len(targets)), abort=True, err=True)
-        done = 0
-        chunks = [targets[i:i + 500] for i in range(0, len(targets), 500)]
-        bar = click.progressbar(length=len(targets), label=verb.capitalize(), file=sys.stderr) if len(targets) > 500 else None
-        with bar or contextlib.nullcontext():
-            for chunk in chunks:
-                with transport.transaction() as conn:
-                    done += action(chunk, conn)
-                if bar:
-                    bar.update(len(chunk))
-        echo_json({done_key: done}) if as_json else click.echo("%s %d message(s)" % (done_key, done))
 
-    @failed.command("retry")
-    @click.argument("ids", type=int, nargs=-1)
-    @click.option("--all", "all_", is_flag=True, help="Every failed message.")
-    @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def failed_retry(ids, all_, force, as_json, app_spec, dsn):
-        """Put failed messages back on their original queues, with their attempt count reset."""
-        _, transport = get_transport(app_spec, dsn)
-        act_on_failed(transport, ids, all_, force, "retry", lambda i, c: transport.requeue_failed(i, c)[0], as_json)
+def _show_failed_message(transport, message_id, as_json, verbosity):
+    found = transport.failed(ids=[message_id])
+    if not found:
+        raise UnknownMessage("no failed message with id %d" % message_id)
+    e = found[0]
+    detail = dict(_envelope_summary(e), payload=e.payload, headers=e.headers, created_at=e.created_at)
+    if as_json:
+        return _echo_json(detail)
+    for key in ("id", "handler", "original_queue", "error_class", "error_message", "attempts"):
+        _echo("%-15s %s" % (key.replace("_", " "), _printable(detail[key])))
+    _echo("%-15s %s" % ("failed at", _format_time(detail["failed_at"])))
+    _echo("%-15s %s" % ("created at", _format_time(e.created_at)))
+    if e.headers.get("reason"):
+        _echo("%-15s %s" % ("reason", _printable(e.headers["reason"])))
+    _echo("%-15s %s" % ("payload", _printable(json.dumps(e.payload, ensure_ascii=False, default=_json_safe))))
+    tb = e.headers.get("traceback")
+    if verbosity and tb:
+        _echo("\n" + _printable(str(tb).rstrip(), keep_newlines=True))
+    elif tb:
+        _echo("\n(run with -v to see the traceback)")
 
-    @failed.command("remove")
-    @click.argument("ids", type=int, nargs=-1)
-    @click.option("--all", "all_", is_flag=True, help="Every failed message.")
-    @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def failed_remove(ids, all_, force, as_json, app_spec, dsn):
-        """Delete failed messages for good."""
-        _, transport = get_transport(app_spec, dsn)
-        act_on_failed(transport, ids, all_, force, "remove", transport.remove_failed, as_json)
 
-    @cli.command()
-    @click.argument("queues", nargs=-1)
-    @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                  help="A supervisord-style INI file with [program:NAME] sections.")
-    @click.option("--name", help="Program name (default: the queues joined by '-'); processes are NAME_00, NAME_01...")
-    @click.option("--numprocs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
-    @click.option("--log-dir", default="var/log", show_default=True, help="Where NAME_NN.log and supervisor.log go.")
-    @click.option("--autorestart", type=click.Choice(_AUTORESTART), default="true", show_default=True,
+_BATCH = 500  # rows per transaction when acting on many failed messages: workers keep the write lock in turn
+
+
+def _act_on_failed(transport, ids, all_, force, filters, verb, as_json, queue_of=None):
+    import click
+
+    matches = _failed_filter(*filters)
+    if ids and (all_ or matches):
+        raise click.UsageError("give message ids, or --all and filters, not both")
+    if not ids and not all_ and not matches:
+        raise click.UsageError("give the ids of failed messages, --all, or filters (--handler, --error, --queue, "
+                               "--since, --until)")
+    if ids:
+        targets = transport.check_failed_ids(ids)  # unknown ids: one clear error before anything changes
+    elif matches:
+        targets = sorted(e.id for e in transport.failed() if matches(e))
+    else:
+        targets = transport.failed_ids()
+    done_key = {"retry": "requeued", "remove": "removed"}[verb]
+    if not targets:
+        return _echo_json({done_key: 0}) if as_json else _echo("no failed messages")
+    if len(targets) > 1 and not force:
+        click.confirm("%s %d failed messages?" % (verb.capitalize(), len(targets)), abort=True, err=True)
+    done, left = 0, {}
+    bar = click.progressbar(length=len(targets), label=verb.capitalize(), file=sys.stderr) if len(targets) > _BATCH else None
+    with bar or contextlib.nullcontext():
+        for start in range(0, len(targets), _BATCH):
+            chunk = targets[start:start + _BATCH]
+            with transport.transaction(transport.connection(create=False)) as conn:
+                if verb == "retry":
+                    moved, stayed = transport.requeue_failed(chunk, conn, queue_of)
+                    done += moved
+                    left.update(stayed)
+                else:
+                    done += transport.remove_failed(chunk, conn)
+            if bar:
+                bar.update(len(chunk))
+    if as_json:
+        data = {done_key: done}
+        if left:
+            data["left"] = {str(k): v for k, v in left.items()}
+        return _echo_json(data)
+    _echo("%s %d message(s)" % (done_key, done))
+    for message_id, why in sorted(left.items()):
+        _echo("message %d stays in the failure queue: %s" % (message_id, _printable(why)), err=True)
+
+
+@_command("failed retry", _argument("ids", type=int, nargs=-1),
+          _option("--all", "all_", is_flag=True, help="Every failed message."),
+          _option("--force", "-f", is_flag=True, help="Do not ask before acting on more than one message."),
+          _FAILED_FILTERS, _JSON, _APP)
+def _cmd_failed_retry(ids, all_, force, handlers, errors, queues, since, until, as_json, app_spec, dsn):
+    """Put failed messages back on their original queues, with their attempt count reset."""
+    app, transport = _transport_from(app_spec, dsn)
+    _act_on_failed(transport, ids, all_, force, (handlers, errors, queues, since, until), "retry", as_json,
+                   app.queue_of if app else None)
+
+
+@_command("failed remove", _argument("ids", type=int, nargs=-1),
+          _option("--all", "all_", is_flag=True, help="Every failed message."),
+          _option("--force", "-f", is_flag=True, help="Do not ask before acting on more than one message."),
+          _FAILED_FILTERS, _JSON, _APP)
+def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until, as_json, app_spec, dsn):
+    """Delete failed messages for good."""
+    _, transport = _transport_from(app_spec, dsn)
+    _act_on_failed(transport, ids, all_, force, (handlers, errors, queues, since, until), "remove", as_json)
+
+
+# The supervisor and its processes
+
+
+@_command("supervise", _argument("queues", nargs=-1),
+          _option("--config", "-c", "config_path", type="file",
+                  help="A supervisord-style INI file with [program:NAME] sections."),
+          _option("--name", help="Program name (default: the queues joined by '-'); processes are NAME_00, NAME_01..."),
+          _option("--numprocs", type="positive_count", default=1, show_default=True, help="Worker processes."),
+          _option("--log-dir", default="var/log", show_default=True, help="Where NAME_NN.log and supervisor.log go."),
+          _option("--autorestart", type="autorestart", default="true", show_default=True,
                   help="After a crash (non-zero exit), true and unexpected restart the worker, false leaves it EXITED. "
-                       "Workers that exit 0 (a limit reached, stop-workers) are always restarted.")
-    @click.option("--startsecs", type=SECONDS, default=1.0, show_default=True, help="Seconds up before RUNNING.")
-    @click.option("--startretries", type=COUNT, default=3, show_default=True, help="Quick exits before FATAL.")
-    @click.option("--stopwaitsecs", type=SECONDS, default=10.0, show_default=True, help="Grace before SIGKILL.")
-    @click.option("--log-max-bytes", type=SIZE, default="10MB", show_default=True, help="Rotate a log at this size.")
-    @click.option("--log-backups", type=COUNT, default=3, show_default=True, help="Rotated logs to keep.")
-    @limit_options
-    @app_options
-    def supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
-                  log_max_bytes, log_backups, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout,
-                  verbosity, app_spec, dsn):
-        """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
+                       "Workers that exit 0 (a limit reached, stop-workers) are always restarted."),
+          _option("--startsecs", type="seconds", default=10.0, show_default=True,
+                  help="Longest a worker may take to become ready (app imported, registered); 0: ready at once."),
+          _option("--startretries", type="count", default=3, show_default=True,
+                  help="Exits before ready, in a row, before FATAL."),
+          _option("--stopwaitsecs", type="seconds", default=10.0, show_default=True, help="Grace before SIGKILL."),
+          _option("--log-max-bytes", type="size", default="10MB", show_default=True, help="Rotate a log at this size."),
+          _option("--log-backups", type="count", default=3, show_default=True, help="Rotated logs to keep."),
+          _LIMITS, _APP)
+def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
+                   log_max_bytes, log_backups, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout,
+                   verbosity, app_spec, dsn):
+    """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
 
-        SIGTERM/SIGINT stop the workers gracefully (SIGKILL after --stopwaitsecs);
-        SIGHUP restarts them, which reloads the app's code.
-        """
-        spec = _find_app_spec(app_spec)
-        if config_path:
-            if queues:
-                raise click.UsageError("give queues or --config, not both")
-            programs, section = _read_config(config_path, consume)
-            spec = app_spec or section.get("app") or spec
-            dsn = dsn or section.get("dsn")
-            if "log_dir" in section and log_dir == "var/log":
-                log_dir = section["log_dir"]
+    With no queue, the workers take every queue of the app. SIGTERM/SIGINT
+    stop the workers gracefully (SIGKILL after --stopwaitsecs); SIGHUP
+    restarts them, which reloads the app's code.
+    """
+    import click
+
+    spec = _find_app_spec(app_spec)
+    if config_path:
+        if queues:
+            raise click.UsageError("give queues or --config, not both")
+        programs, section = _read_config(config_path)
+        spec = app_spec or section.get("app") or spec
+        dsn = dsn or section.get("dsn")
+        if "log_dir" in section and log_dir == "var/log":
+            log_dir = section["log_dir"]
+    else:
+        programs = [ProgramConfig(
+            name or ("-".join(queues) if queues else "worker"), list(queues), numprocs, limit, failure_limit,
+            memory_limit, time_limit, sleep, verbosity, autorestart, startsecs, startretries, stopwaitsecs,
+            log_max_bytes, log_backups)]
+    if spec is None:
+        raise ConfigurationError(_NO_APP)
+    _configure_logging(0, "supervisor")
+    overrides = {"heartbeat_timeout": heartbeat_timeout} if heartbeat_timeout else {}
+    sys.exit(Supervisor(programs, app_spec=spec, dsn=dsn, log_dir=log_dir, settings_overrides=overrides).run())
+
+
+@_command("status", _JSON, _APP)
+def _cmd_status(as_json, app_spec, dsn):
+    """One line per worker process, like supervisorctl status."""
+    _, transport = _transport_from(app_spec, dsn)
+    data = _read_status(transport)
+    if as_json:
+        return _echo_json(data)
+    if not data["processes"]:
+        return _echo("no supervisor or worker is running on %s" % transport.where)
+    for p in data["processes"]:
+        if p["pid"] and p["state"] in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING):
+            detail = "pid %s, uptime %s, handled %d, failed %d, rss %s" % (
+                p["pid"], _format_duration(p["uptime_s"]), p["handled"], p["failed"],
+                "-" if p["rss_bytes"] is None else _format_bytes(p["rss_bytes"]))
         else:
-            programs = [ProgramConfig(
-                name or ("-".join(queues) if queues else "worker"), list(queues), numprocs, limit, failure_limit,
-                memory_limit, time_limit, sleep, verbosity, autorestart, startsecs, startretries, stopwaitsecs,
-                log_max_bytes, log_backups)]
-        if spec is None:
-            raise ConfigurationError("no app: give --app module[:attr], set JOBRUNNER_APP, or add [tool.jobrunner] "
-                                     "app = \"module:attr\" to ./pyproject.toml")
-        _configure_logging(0, "supervisor")
-        overrides = {"heartbeat_timeout": heartbeat_timeout} if heartbeat_timeout else {}
-        sys.exit(Supervisor(programs, app_spec=spec, dsn=dsn, log_dir=log_dir, settings_overrides=overrides).run())
-
-    @cli.command()
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def status(as_json, app_spec, dsn):
-        """One line per worker process, like supervisorctl status."""
-        _, transport = get_transport(app_spec, dsn)
-        data = _read_status(transport)
-        if as_json:
-            return echo_json(data)
-        if not data["processes"]:
-            return click.echo("no supervisor or worker is running on %s" % transport.path)
-        for p in data["processes"]:
-            if p["pid"] and p["state"] in (_Process.RUNNING, _Process.STARTING, _Process.STOPPING):
-                detail = "pid %s, uptime %s, handled %d, rss %s" % (p["pid"], _format_duration(p["uptime_s"]), p["handled"],
-                                                                  "-" if p["rss_bytes"] is None else _format_bytes(p["rss_bytes"]))
-            else:
-                detail = p["description"]
-            click.echo("%-32s %-9s %s" % (p["name"], p["state"], detail))
-
-    @cli.command()
-    @click.option("--max-ready", type=COUNT, help="Unhealthy above this many ready messages.")
-    @click.option("--max-failed", type=COUNT, help="Unhealthy above this many failed messages.")
-    @click.option("--max-age", type=SECONDS, help="Unhealthy when the oldest ready message waited longer (seconds).")
-    @click.option("--allow-no-workers", is_flag=True, help="Healthy even when no worker runs.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @app_options
-    def health(max_ready, max_failed, max_age, allow_no_workers, as_json, app_spec, dsn):
-        """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
-        _, transport = get_transport(app_spec, dsn)
-        healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers)
-        if as_json:
-            echo_json(dict({"healthy": healthy, "reasons": reasons}, **data))
-        elif healthy:
-            ready = sum(q["ready"] for q in data["queues"])
-            click.echo("OK: %d ready, %d failed" % (ready, data["failed"]))
-        else:
-            click.echo("UNHEALTHY: " + "; ".join(reasons))
-        sys.exit(0 if healthy else 1)
-
-    return cli
+            detail = _printable(p["description"])
+        _echo("%-32s %-9s %s" % (p["name"], p["state"], detail))
 
 
+@_command("health", _option("--max-ready", type="count", help="Unhealthy above this many ready messages."),
+          _option("--max-failed", type="count", help="Unhealthy above this many failed messages."),
+          _option("--max-age", type="seconds", help="Unhealthy when the oldest ready message waited longer (seconds)."),
+          _option("--allow-no-workers", is_flag=True, help="Healthy even when no worker runs."),
+          _JSON, _APP)
+def _cmd_health(max_ready, max_failed, max_age, allow_no_workers, as_json, app_spec, dsn):
+    """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
+    _, transport = _transport_from(app_spec, dsn)
+    healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers)
+    if as_json:
+        _echo_json(dict({"healthy": healthy, "reasons": reasons}, **data))
+    elif healthy:
+        ready = sum(q["ready"] for q in data["queues"])
+        _echo("OK: %d ready, %d failed" % (ready, data["failed"]))
+    else:
+        _echo("UNHEALTHY: " + "; ".join(_printable(r) for r in reasons))
+    sys.exit(0 if healthy else 1)
+
+
+# The config file of `supervise --config`
+
+_SUPERVISE_KEYS = {"app", "dsn", "log_dir"}
+_PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
+                 "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
+                 "log_backups": int, "stdout_logfile_backups": int}
+_PROGRAM_ALIASES = {"stdout_logfile_maxbytes": "log_max_bytes", "stdout_logfile_backups": "log_backups"}
+# supervisord settings that mean nothing here (jobrunner names processes and logs itself): accepted, with a warning
 _IGNORED_SUPERVISORD_KEYS = {"process_name", "user", "directory", "autostart", "redirect_stderr", "stdout_logfile",
                              "stderr_logfile", "stderr_logfile_maxbytes", "stderr_logfile_backups", "priority",
                              "environment", "exitcodes", "stopsignal", "stopasgroup", "killasgroup", "umask"}
 
 
-def _read_config(path, consume_command):
+def _read_config(path):
     """Programs from a supervisord-style INI file; ``command`` holds the consume arguments."""
     import configparser
-    import shlex
-
-    import click
 
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -3762,50 +3930,135 @@ def _read_config(path, consume_command):
     section = {}
     for name in ("supervise", "supervisord"):
         if parser.has_section(name):
-            section.update(parser[name])
-    programs = []
-    for name in parser.sections():
-        if not name.startswith("program:"):
-            continue
-        options = dict(parser[name])
-        program = name.split(":", 1)[1].strip()
-        try:
-            command = shlex.split(options.pop("command", ""))
-        except ValueError as exc:
-            raise ConfigurationError("[%s] command: %s" % (name, exc)) from None
-        if "consume" not in command:
-            raise ConfigurationError("[%s] needs command = consume QUEUE... [options]" % name)
-        args = command[command.index("consume") + 1:]
-        try:
-            ctx = consume_command.make_context("consume", args)
-        except Exception as exc:
-            detail = exc.format_message() if hasattr(exc, "format_message") else exc
-            raise ConfigurationError("[%s] command: %s" % (name, detail)) from None
-        params = ctx.params
-        if any(ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE for key in ("app_spec", "dsn")):
-            raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)
-        fields = {"numprocs": int, "autorestart": str, "startsecs": float, "startretries": int, "stopwaitsecs": float,
-                  "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size, "log_backups": int,
-                  "stdout_logfile_backups": int}
-        values = {}
-        for key, raw in options.items():
-            if key in _IGNORED_SUPERVISORD_KEYS:
-                _log.info("[%s] %s is not used by jobrunner; ignored", name, key)
-                continue
-            if key not in fields:
-                raise ConfigurationError("[%s]: unknown setting %r" % (name, key))
-            try:
-                value = fields[key](raw.strip())
-            except ValueError:
-                raise ConfigurationError("[%s]: %s = %r is not valid" % (name, key, raw)) from None
-            values[{"stdout_logfile_maxbytes": "log_max_bytes", "stdout_logfile_backups": "log_backups"}.get(key, key)] = value
-        programs.append(ProgramConfig(
-            program, list(params["queues"]), limit=params["limit"], failure_limit=params["failure_limit"],
-            memory_limit=params["memory_limit"], time_limit=params["time_limit"], sleep=params["sleep"],
-            verbosity=params["verbosity"], **values))
+            for key, value in parser[name].items():
+                if key not in _SUPERVISE_KEYS:
+                    raise ConfigurationError("%s: unknown setting %r in [%s] (known: %s)"
+                                             % (path, key, name, ", ".join(sorted(_SUPERVISE_KEYS))))
+                section[key] = value
+    programs = [_read_program(name, dict(parser[name])) for name in parser.sections() if name.startswith("program:")]
     if not programs:
         raise ConfigurationError("config %s has no [program:NAME] section" % path)
     return programs, section
+
+
+def _read_program(name, options):
+    import shlex
+
+    import click
+
+    program = name.split(":", 1)[1].strip()
+    try:
+        command = shlex.split(options.pop("command", ""))
+    except ValueError as exc:
+        raise ConfigurationError("[%s] command: %s" % (name, exc)) from None
+    if "consume" not in command:
+        raise ConfigurationError("[%s] needs command = consume QUEUE... [options]" % name)
+    args = command[command.index("consume") + 1:]
+    consume = _cli().commands["consume"]
+    try:
+        ctx = consume.make_context("consume", args)
+    except Exception as exc:
+        detail = exc.format_message() if hasattr(exc, "format_message") else exc
+        raise ConfigurationError("[%s] command: %s" % (name, detail)) from None
+    params = ctx.params
+    if any(ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE for key in ("app_spec", "dsn")):
+        raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)
+    values = {}
+    for key, raw in options.items():
+        if key in _IGNORED_SUPERVISORD_KEYS:
+            _echo("jobrunner: [%s] %s is not used by jobrunner; ignored" % (name, key), err=True)
+            continue
+        if key not in _PROGRAM_KEYS:
+            raise ConfigurationError("[%s]: unknown setting %r" % (name, key))
+        try:
+            value = _PROGRAM_KEYS[key](raw.strip())
+        except ValueError:
+            raise ConfigurationError("[%s]: %s = %r is not valid" % (name, key, raw)) from None
+        values[_PROGRAM_ALIASES.get(key, key)] = value
+    return ProgramConfig(program, list(params["queues"]), limit=params["limit"], failure_limit=params["failure_limit"],
+                         memory_limit=params["memory_limit"], time_limit=params["time_limit"], sleep=params["sleep"],
+                         verbosity=params["verbosity"], **values)
+
+
+# Building and running the click commands
+
+
+def _one_line_errors(fn):
+    """Driver and OS errors become a one-line StorageError; -v adds the traceback of a failed app import."""
+
+    @functools.wraps(fn)
+    def run(**kwargs):
+        try:
+            return fn(**kwargs)
+        except _AppImportError as exc:
+            if kwargs.get("verbosity"):
+                sys.stderr.write(exc.details)
+            raise
+        except sqlite3.Error as exc:
+            raise StorageError("database error: %s" % exc) from None
+
+    return run
+
+
+def _cli_types():
+    import click
+
+    class Size(click.ParamType):
+        name = "size"
+
+        def __init__(self, least=0):
+            self.least = least
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, int):
+                return value
+            try:
+                size = _parse_size(value)
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+            if size < self.least and re.fullmatch(r"\s*\d+\s*", str(value)):
+                self.fail("%s bytes is less than a worker needs: did you mean %sM?" % (size, size), param, ctx)
+            return size
+
+    class When(click.ParamType):
+        name = "time"
+
+        def convert(self, value, param, ctx):
+            try:
+                return _parse_when(value)
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+
+    return {"size": Size(), "memory": Size(least=_KIB), "when": When(), "seconds": click.FloatRange(min=0),
+            "positive": click.FloatRange(min=0, min_open=True), "count": click.IntRange(min=0),
+            "positive_count": click.IntRange(min=1, max=2 ** 63 - 1), "file": click.Path(dir_okay=False),
+            "autorestart": click.Choice(_AUTORESTART)}
+
+
+@functools.lru_cache(maxsize=1)
+def _cli():
+    """The click command group, built from the declared commands."""
+    import click
+
+    types = _cli_types()
+    root = click.Group("jobrunner", help="A durable SQLite job queue, its workers and their supervisor.",
+                       context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    root = click.version_option(__version__, prog_name="jobrunner")(root)
+    groups = {"": root}
+    for path, params, attrs, fn in _COMMANDS:
+        parent, _, name = path.rpartition(" ")
+        callback = _one_line_errors(fn) if not attrs.get("group") else fn
+        for param in reversed(params):
+            options = dict(param.attrs)
+            if isinstance(options.get("type"), str):
+                options["type"] = types[options["type"]]
+            decorate = click.option if param.kind == "option" else click.argument
+            callback = decorate(*param.decls, **options)(callback)
+        if attrs.get("group"):
+            groups[path] = groups[parent].group(name, help=fn.__doc__)(callback)
+        else:
+            groups[parent].command(name, help=fn.__doc__)(callback)
+    return root
 
 
 # --- main() -------------------------------------------------------------------
@@ -3821,9 +4074,8 @@ def main(argv=None):
     except ImportError:
         sys.stderr.write("jobrunner: error: the command line needs click: pip install click\n")
         return 2
-    cli = _build_cli()
     try:
-        code = cli.main(args=argv, prog_name="jobrunner", standalone_mode=False)
+        code = _cli().main(args=argv, prog_name="jobrunner", standalone_mode=False)
         return code if isinstance(code, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -3832,11 +4084,17 @@ def main(argv=None):
     except click.exceptions.Abort:
         sys.stderr.write("jobrunner: aborted\n")
         return 1
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            click.echo(exc.ctx.get_help())  # `jobrunner` or `jobrunner failed` alone: the help, as click shows it
+            return exc.exit_code
+        sys.stderr.write("jobrunner: error: %s\n" % " ".join(exc.format_message().split()))
+        return 2
     except click.ClickException as exc:
         sys.stderr.write("jobrunner: error: %s\n" % " ".join(exc.format_message().split()))
-        return 2 if isinstance(exc, click.UsageError) else exc.exit_code
+        return exc.exit_code
     except JobRunnerError as exc:
-        sys.stderr.write("jobrunner: error: %s\n" % exc)
+        sys.stderr.write("jobrunner: error: %s\n" % " ".join(str(exc).split()))
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("jobrunner: interrupted\n")
