@@ -632,18 +632,26 @@ class Transport:
     close = reconnect
 
     def _ensure_schema(self, conn):
-        """Create our tables, or add our columns to tables that exist (Symfony's, an older jobrunner's)."""
-        types = dict(_SQL_TYPES[self.dialect], messages=self.table)
         with self.transaction(conn):
-            for statement in _SCHEMA.format(**types).split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            for table, columns in _ADDED_COLUMNS.items():
-                table = table.format(**types)
-                present = self._columns(conn, table)
-                for column, ddl in columns:
-                    if column not in present:
-                        conn.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, ddl.format(**types)))
+            self._create_schema(conn)
+
+    def _create_schema(self, conn):
+        """Create our tables, or add our columns to tables that exist (Symfony's, an older jobrunner's), then indexes."""
+        types = dict(_SQL_TYPES[self.dialect], messages=self.table)
+        text = "\n".join(line for line in _SCHEMA.format(**types).splitlines() if not line.startswith("--"))
+        statements = [s.strip() for s in text.split(";") if s.strip()]
+        for statement in statements:
+            if not statement.startswith("CREATE INDEX"):
+                conn.execute(statement)
+        for table, columns in _ADDED_COLUMNS.items():
+            table = table.format(**types)
+            present = self._columns(conn, table)
+            for column, ddl in columns:
+                if column not in present:
+                    conn.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, ddl.format(**types)))
+        for statement in statements:
+            if statement.startswith("CREATE INDEX"):
+                conn.execute(statement)
 
     def _has_schema(self, conn):
         raise NotImplementedError
@@ -1232,11 +1240,13 @@ class SqliteTransport(Transport):
                 if self._has_schema(conn) and not self._missing_columns(conn):
                     return
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")  # the lock is free: create under the transaction below
                 try:
-                    super()._ensure_schema(conn)
-                except DatabaseLocked as exc:
-                    raise exc.__cause__ or sqlite3.OperationalError("database is locked") from None
+                    self._create_schema(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
                 return
             except sqlite3.OperationalError as exc:
                 if not ("locked" in str(exc) or "busy" in str(exc)) or time.monotonic() > deadline:

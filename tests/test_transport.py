@@ -510,3 +510,138 @@ def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path):
         for p in procs:
             p.join()
     assert [o for o in outcomes if o != "ok"] == []
+
+
+# --- the app's own database is not ours to change -----------------------------------------------
+
+
+def make_app_database(path, user_version):
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO customers (name) VALUES ('ann')")
+    conn.execute("PRAGMA user_version = %d" % user_version)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("user_version", [0, 5])
+def test_an_app_database_keeps_its_user_version_and_tables(tmp_path, user_version):
+    db = tmp_path / "app.db"
+    make_app_database(db, user_version)
+    app = JobRunner(str(db))
+
+    @app.handler
+    def note(n):
+        pass
+
+    msg_id = app.dispatch("note", {"n": 1})  # once failed with "no such table" at user_version 5
+    assert app.consume("async", limit=1, install_signals=False) == "message limit of 1 reached"
+    app.transport.close()
+    assert query(db, "PRAGMA user_version") == [(user_version,)]  # the app's migration marker, untouched
+    assert query(db, "SELECT name FROM customers") == [("ann",)]
+    assert msg_id == 1 and query(db, "SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+
+
+@pytest.mark.parametrize("args,code", [(("stats",), 2), (("status",), 2), (("failed", "show"), 2),
+                                       (("failed", "show", "1"), 2), (("health",), 1)])
+def test_commands_that_only_read_leave_a_foreign_database_byte_for_byte_unchanged(tmp_path, args, code):
+    db = tmp_path / "app.db"
+    make_app_database(db, 5)
+    before = db.read_bytes()
+    result = subprocess.run([sys.executable, str(REPO / "jobrunner.py"), *args, "--dsn", str(db)], capture_output=True,
+                            text=True, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == code, result.stderr
+    said = result.stderr if code == 2 else result.stdout
+    assert "has no jobrunner tables" in said and said.count("\n") == 1, said
+    assert db.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["app.db"]  # no -wal, -shm or anything else beside it
+
+
+SYMFONY_SQLITE_TABLE = """
+CREATE TABLE messenger_messages (id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, body CLOB NOT NULL,
+    headers CLOB NOT NULL, queue_name VARCHAR(190) NOT NULL, created_at DATETIME NOT NULL,
+    available_at DATETIME NOT NULL, delivered_at DATETIME DEFAULT NULL);
+CREATE INDEX IDX_75EA56E0FB7336F0 ON messenger_messages (queue_name);
+CREATE INDEX IDX_75EA56E0E3BD61CE ON messenger_messages (available_at);
+CREATE INDEX IDX_75EA56E016BA31DB ON messenger_messages (delivered_at);
+"""
+
+
+def test_setup_adds_our_columns_to_a_table_symfony_created(tmp_path):
+    db = tmp_path / "symfony.db"
+    conn = sqlite3.connect(str(db))
+    conn.executescript(SYMFONY_SQLITE_TABLE)
+    conn.execute("INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) "
+                 "VALUES ('{\"n\": 1}', '{\"handler\": \"note\"}', 'async', 0, 0)")
+    conn.commit()
+    conn.close()
+    result = subprocess.run([sys.executable, str(REPO / "jobrunner.py"), "setup", "--dsn", str(db)], capture_output=True,
+                            text=True, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    columns = [row[1] for row in query(db, "PRAGMA table_info(messenger_messages)")]
+    assert columns == ["id", "body", "headers", "queue_name", "created_at", "available_at", "delivered_at",
+                       "claimed_by", "attempts"]
+    app = JobRunner(str(db))
+    seen = []
+    app.handler("note")(lambda n: seen.append(n))
+    assert app.consume("async", limit=1, install_signals=False) == "message limit of 1 reached"
+    app.transport.close()
+    assert seen == [1]
+
+
+def test_an_older_jobrunner_database_gets_the_new_columns(tmp_path):
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(str(db))
+    conn.executescript("""
+        CREATE TABLE messenger_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, headers TEXT NOT NULL,
+            queue_name TEXT NOT NULL, created_at REAL NOT NULL, available_at REAL NOT NULL, delivered_at REAL,
+            claimed_by INTEGER, attempts INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE jobrunner_workers (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, host TEXT NOT NULL,
+            pid INTEGER NOT NULL, ppid INTEGER NOT NULL, queues TEXT NOT NULL, started_at REAL NOT NULL,
+            beat_at REAL NOT NULL, handled INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+            rss_bytes INTEGER, message_id INTEGER);
+        PRAGMA user_version = 1;
+    """)
+    conn.close()
+    app = JobRunner(str(db))
+    app.handler("note")(lambda n: None)
+    app.dispatch("note", {"n": 1})
+    assert app.consume("async", limit=1, install_signals=False) == "message limit of 1 reached"
+    app.transport.close()
+    assert "beats" in [row[1] for row in query(db, "PRAGMA table_info(jobrunner_workers)")]
+
+
+def test_an_sqlite_too_old_for_returning_is_one_line_naming_both_versions(tmp_path):
+    code = ("import sqlite3, sys; sqlite3.sqlite_version_info = (3, 31, 1); sqlite3.sqlite_version = '3.31.1'\n"
+            "import jobrunner\n"
+            "try:\n    jobrunner.JobRunner(sys.argv[1])\n"
+            "except jobrunner.StorageError as exc:\n    print(exc)\n")
+    result = run_python(code, tmp_path / "x.db")
+    assert result.stdout == "jobrunner needs SQLite 3.35.0 or newer; this Python has SQLite 3.31.1\n", result.stderr
+
+
+def test_keeping_the_wal_bounded_never_waits_for_a_reader_that_holds_it(tmp_path):
+    # A reader holding a snapshot starves checkpoints.  A TRUNCATE checkpoint would wait busy_timeout for
+    # it while holding writers back; the bound must give up at once instead.
+    db = tmp_path / "jobs.db"
+    app = JobRunner(str(db), busy_timeout=5, journal_size_limit=0)
+    app.handler("note")(lambda n: None)
+    app.setup()
+    reader = sqlite3.connect(str(db), isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM messenger_messages").fetchall()  # holds its snapshot
+    payload = {"n": "x" * 2000}
+    for _ in range(6):
+        app.dispatch_many("note", [payload] * 500)  # ~6 MB of WAL the reader keeps alive
+    assert os.stat(str(db) + "-wal").st_size > 4 * 1024 * 1024
+    started = time.monotonic()
+    app.transport.maintain()
+    assert time.monotonic() - started < 1.0  # not the 5 s busy_timeout
+    started = time.monotonic()
+    app.dispatch("note", {"n": 1})
+    assert time.monotonic() - started < 1.0
+    reader.execute("COMMIT")
+    reader.close()
+    app.transport.maintain()  # no reader now: truncated
+    assert os.stat(str(db) + "-wal").st_size == 0
+    app.transport.close()

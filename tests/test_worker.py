@@ -348,3 +348,156 @@ def test_a_huge_sleep_is_accepted(project, app):
     result = project.cli("consume", "async", "--sleep", "1e10", "--limit", "1", timeout=20)
     assert result.returncode == 0, result.stderr
     assert project.values() == ["1"]
+
+
+# --- handlers that misbehave (tests/apps/hardapp.py) ---------------------------------------------
+
+HARD = {"JOBRUNNER_APP": "hardapp"}
+
+
+def hard_dispatch(project, name, **payload):
+    import json
+
+    result = project.cli("dispatch", name, json.dumps(payload), env=HARD)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+def failed_headers(project, message_id):
+    import json
+
+    [(queue, headers)] = query(project.db, "SELECT queue_name, headers FROM messenger_messages WHERE id = ?", message_id)
+    assert queue == "failed"
+    return json.loads(headers)
+
+
+@pytest.mark.parametrize("name", ["swallows_exception", "swallows_everything"])
+def test_a_handler_cannot_swallow_its_timeout(project, name):
+    msg_id = hard_dispatch(project, name, n=1)
+    started = time.monotonic()
+    result = project.cli("consume", "hard", "--limit", "1", "--time-limit", "20", env=HARD)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 4  # interrupted at 0.3 s, not after its 5 s sleep
+    headers = failed_headers(project, msg_id)
+    assert headers["error_class"] == "jobrunner.HandlerTimeout"
+    if name == "swallows_exception":  # `except Exception` does not see the interruption at all
+        assert project.values("swallowed") == [] and project.values("note") == []
+    else:  # `except BaseException` caught it and carried on: still a timed-out attempt, not a success
+        assert project.values("swallowed") == ["1"] and project.values("note") == ["1"]
+        assert "caught the interruption" in headers["error_message"]
+
+
+def test_an_alarm_at_the_moment_a_handler_returns_never_turns_its_success_into_a_retry(project):
+    # timeout 21 ms, work 20 ms: the alarm often fires while the handler returns.  Each message is
+    # either done once and acknowledged, or timed out and failed: never done and then run again.
+    count = 150
+    for start in range(0, count, 50):
+        code = ("import hardapp; hardapp.jobs.dispatch_many('at_the_edge', [{'n': i} for i in range(%d, %d)])"
+                % (start, start + 50))
+        subprocess.run([sys.executable, "-c", code], env=dict(project.env, **HARD), cwd=project.path, check=True)
+    result = project.cli("consume", "hard", "--limit", count, "--time-limit", "60", env=HARD)
+    assert result.returncode == 0, result.stderr
+    done = project.values("done")
+    assert len(done) == len(set(done)), "a handler that returned was run again"
+    failed = {json_id for json_id, in query(project.db, "SELECT body FROM messenger_messages WHERE queue_name = 'failed'")}
+    assert len(done) + len(failed) == count and not query(project.db, "SELECT id FROM messenger_messages "
+                                                                      "WHERE queue_name != 'failed'")
+
+
+@pytest.mark.parametrize("name,error_class", [("exits", "SystemExit"), ("interrupts", "KeyboardInterrupt")])
+def test_sys_exit_or_keyboard_interrupt_in_a_handler_is_a_failed_attempt_recorded_with_its_cause(
+        project, name, error_class):
+    msg_id = hard_dispatch(project, name, n=1)
+    other = hard_dispatch(project, "prints_pid", n=2)
+    result = project.cli("consume", "hard", "--time-limit", "20", env=HARD)
+    assert result.returncode == 1  # the worker stops, and says why
+    assert "stopped: handler %s raised %s" % (name, error_class) in result.stderr
+    headers = failed_headers(project, msg_id)
+    assert headers["error_class"] == error_class and headers["attempts"] == 1
+    assert "Traceback (most recent call last)" in headers["traceback"]
+    assert query(project.db, "SELECT queue_name, delivered_at FROM messenger_messages WHERE id = ?", other) == [
+        ("hard", None)]  # the next message is untouched, for the next worker
+    assert query(project.db, "SELECT COUNT(*) FROM jobrunner_workers") == [(0,)]
+
+
+def test_a_generator_handler_is_refused_when_it_is_registered():
+    import jobrunner
+
+    jobs = jobrunner.JobRunner("/tmp/never-created-jobrunner-test.db")
+    with pytest.raises(jobrunner.ConfigurationError, match="handler numbers is a generator function"):
+        @jobs.handler
+        def numbers(n):
+            yield n
+    with pytest.raises(jobrunner.ConfigurationError, match="handler agen is a generator function"):
+        @jobs.handler
+        async def agen(n):
+            yield n
+    assert jobs.handlers == {} and not os.path.exists("/tmp/never-created-jobrunner-test.db")
+
+
+def test_coroutine_handlers_are_awaited_retried_and_failed(project):
+    import json
+
+    ok = hard_dispatch(project, "fetch", n=1, seconds=0.01)
+    bad = hard_dispatch(project, "fetch", n=2, fail=True)
+    slow = hard_dispatch(project, "slow_fetch", n=3)
+    tx_ok = hard_dispatch(project, "async_tx", n=4)
+    tx_bad = hard_dispatch(project, "async_tx", n=5, fail=True)
+    result = project.cli("consume", "aio", "--limit", 6, "--time-limit", "30", "-v", env=HARD)
+    assert result.returncode == 0, result.stderr
+    assert "never awaited" not in result.stderr
+    assert project.values("note") == ["1", "4"]  # the bodies really ran
+    assert project.values("fail") == ["2", "2"]  # the first attempt and its one retry
+    assert project.values("start") == ["3"] and project.values("cancelled") == ["3"]  # the timeout cancels the task
+    rows = dict(query(project.db, "SELECT id, headers FROM messenger_messages WHERE queue_name = 'failed'"))
+    assert sorted(rows) == [bad, slow, tx_bad]
+    assert json.loads(rows[bad])["error_class"] == "ConnectionError"
+    assert json.loads(rows[slow])["error_class"] == "jobrunner.HandlerTimeout"
+    assert query(project.db, "SELECT n FROM ledger") == [("4",)]  # the failed coroutine's write rolled back
+    assert ok not in dict(query(project.db, "SELECT id, 1 FROM messenger_messages")) and tx_ok != tx_bad
+
+
+def test_a_transactional_handler_that_cannot_get_the_write_lock_goes_back_without_spending_an_attempt(project):
+    from conftest import hold_write_lock
+
+    import hardapp
+    import jobapp
+
+    jobs = hardapp.jobs
+    jobs.use_dsn(str(project.db), busy_timeout=0.3)
+    jobapp.OUT = str(project.out)
+    msg_id = jobs.dispatch("tx_note", {"n": 1})  # max_retries=0: one failed attempt would fail it for good
+    worker = jobs.worker(["hard"], install_signals=False)
+    delivery, _, _, _ = jobs.transport.claim(["hard"], 99)  # the worker's claim, then another process takes the lock
+    assert (delivery.id, delivery.attempts) == (msg_id, 1)
+    locker = hold_write_lock(project.db, 1.5)
+    outcome = worker._process(delivery)  # the handler's BEGIN IMMEDIATE times out after 0.3 s
+    assert outcome.kind == "release" and worker.failed == 0
+    locker.wait(10)
+    assert jobs.transport.settle(outcome)
+    assert query(project.db, "SELECT queue_name, delivered_at, attempts FROM messenger_messages") == [("hard", None, 0)]
+    # the message is then handled normally, its single attempt intact
+    assert jobs.consume("hard", limit=1, install_signals=False) == "message limit of 1 reached"
+    assert project.values("note") == ["1"] and query(project.db, "SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+    jobs.transport.close()
+
+
+def test_a_wall_clock_step_does_not_make_a_live_worker_look_dead(project, app):
+    # Worker A runs a 6 s handler.  Its wall-clock beat times are made to look ancient (what a reaper sees
+    # when its clock steps forward): A's beat counter still moves, so the reaper B must not release its claim.
+    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    env = {"JOBRUNNER_DSN": dsn}
+    app.dispatch("slow", {"n": 1, "seconds": 6})
+    a = project.start("consume", "slow", "--limit", "1", env=env)
+    wait_until(lambda: project.values("start") == ["1"], message="A to start the slow message")
+    b = project.start("consume", "slow", "--time-limit", "8", env=env)
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline and a.poll() is None:
+        conn = sqlite3.connect(str(project.db), timeout=10)
+        with conn:
+            conn.execute("UPDATE jobrunner_workers SET beat_at = 0")
+        conn.close()
+        time.sleep(0.1)
+    assert finish(a)[0] == 0
+    finish(b)
+    assert project.values("start") == ["1"] and project.values("note") == ["1"]  # one run: never released
