@@ -561,6 +561,8 @@ class Transport:
     #: how a statement matches a list of ids given as one parameter
     in_ids = "IN (SELECT value FROM json_each(?))"
     begin_sql = "BEGIN"
+    #: a transaction whose reads all see one snapshot
+    begin_read_sql = "BEGIN"
     #: the errors of the driver, mapped by :meth:`_error`
     driver_errors = ()
 
@@ -879,11 +881,16 @@ class Transport:
             stop = conn.execute(self.sql["control_get"], (_STOP_KEY,)).fetchall()
         return alive, stop[0][0] if stop else None
 
-    def unregister_worker(self, worker_id):
-        """A worker leaves: what it still holds goes back on the queue."""
+    def unregister_worker(self, worker_id, keep_row=False):
+        """A worker leaves: what it still holds goes back on the queue.
+
+        ``keep_row`` leaves its row for its supervisor to remove when it reaps
+        the process, so that `status` never shows a RUNNING process with no worker.
+        """
         with self.transaction() as conn:
             self._release_claims(conn, [worker_id])
-            conn.execute(self.sql["worker_delete"], (worker_id,))
+            if not keep_row:
+                conn.execute(self.sql["worker_delete"], (worker_id,))
 
     def workers(self):
         """``(id, host, pid, ppid, beats)`` of every registered worker."""
@@ -922,16 +929,19 @@ class Transport:
             conn.execute(self.sql["control_set"], (_STOP_KEY, now))
             return conn.execute(self.sql["workers_started_before"], (now,)).fetchall()[0][0]
 
-    def sync_processes(self, host, rows, clear_programs=(), remove=()):
+    def sync_processes(self, host, rows, clear_programs=(), remove=(), reaped=()):
         """The supervisor's view: upsert its process rows, drop old ones; return its children's beats.
 
         ``rows`` are ``(name, program, state, pid, state_since, started_at,
-        description, exit_status)``.  Returns ``{worker_id: (pid, beats)}`` of
-        the workers this process forked.
+        description, exit_status)``.  The claims of ``reaped`` children go
+        back on the queue in the same transaction, so `status` never sees a
+        process still RUNNING whose worker is gone.  Returns ``(released,
+        {worker_id: (pid, beats)})`` for the workers this process forked.
         """
         now = time.time()
         me = os.getpid()
         with self.transaction() as conn:
+            released = self._release_children(conn, host, reaped) if reaped else 0
             for program in clear_programs:
                 conn.execute(self.sql["program_delete"], (program,))
             for name in remove:
@@ -940,22 +950,27 @@ class Transport:
                 conn.execute(self.sql["process_upsert"], (name, program, host, me, state, pid, since, started, now,
                                                           description, exit_status))
             children = conn.execute(self.sql["worker_children"], (host, me)).fetchall()
-        return {wid: (pid, beats) for wid, pid, beats in children}
+        return released, {wid: (pid, beats) for wid, pid, beats in children}
 
-    def release_children(self, host, pids):
-        """The supervisor reaped these children: their claims go back now; return how many."""
-        me = os.getpid()
-        with self.transaction() as conn:
-            ids = [wid for wid, pid, _ in conn.execute(self.sql["worker_children"], (host, me)).fetchall() if pid in pids]
-            released = self._release_claims(conn, ids)
-            for wid in ids:
-                conn.execute(self.sql["worker_delete"], (wid,))
+    def _release_children(self, conn, host, pids):
+        ids = [wid for wid, pid, _ in conn.execute(self.sql["worker_children"], (host, os.getpid())).fetchall()
+               if pid in pids]
+        released = self._release_claims(conn, ids)
+        for wid in ids:
+            conn.execute(self.sql["worker_delete"], (wid,))
         return released
 
     def status_rows(self):
-        """``(processes, workers)`` rows, as ``status`` reads them."""
+        """``(processes, workers)`` rows, as ``status`` reads them: one snapshot, so they agree."""
         conn = self.connection(create=False)
-        return self._rows("status_processes", conn=conn), self._rows("status_workers", conn=conn)
+        try:
+            conn.execute(self.begin_read_sql)
+            try:
+                return self._rows("status_processes", conn=conn), self._rows("status_workers", conn=conn)
+            finally:
+                self._rollback(conn)
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
 
     def maintain(self):
         """Periodic housekeeping, run by one process per database (the supervisor, or one worker)."""
@@ -2260,7 +2275,7 @@ class Worker:
                        outcome.delivery.id, exc)
         try:
             if self.worker_id is not None:
-                self.transport.unregister_worker(self.worker_id)
+                self.transport.unregister_worker(self.worker_id, keep_row=bool(self.parent_pid))
         except JobRunnerError as exc:
             _log.error("could not unregister worker %s: %s", self.name, exc)
 
@@ -2895,6 +2910,8 @@ class Supervisor:
         self._wakeup = None
         self._pipes = {}  # fd -> _Pipe
         self._last_sync = 0.0
+        self._synced = None  # the states last written for `status`
+        self._reaped = set()  # pids reaped whose claims are still to release
         self._judge = None
         self._log = logging.getLogger("jobrunner.supervisor")
 
@@ -3025,7 +3042,6 @@ class Supervisor:
     def _loop(self):
         while True:
             now = time.monotonic()
-            before = [(p.state, p.pid) for p in self.processes]
             self._reap(now)
             if self._stop_signal is not None and not self._stopping:
                 self._log.info("received %s: stopping all workers", signal.Signals(self._stop_signal).name)
@@ -3048,13 +3064,16 @@ class Supervisor:
                                           proc.program.stopwaitsecs)
                         proc.kill_at = None
                     self._kill(proc)
-            self._sync_database(force=[(p.state, p.pid) for p in self.processes] != before)
+            self._sync_database(force=self._states() != self._synced or bool(self._reaped))  # status shows it at once
             if self._stopping and all(p.pid is None for p in self.processes):
                 return 0
             if all(p.state == _Process.FATAL for p in self.processes):
                 self._log.error("every process is FATAL: exiting so that systemd or the container runtime takes over")
                 return 1
             self._wait(self._next_timeout(now))
+
+    def _states(self):
+        return [(p.state, p.pid) for p in self.processes]
 
     def _next_timeout(self, now):
         timeout = 1.0
@@ -3189,7 +3208,6 @@ class Supervisor:
             os._exit(code)
 
     def _reap(self, now):
-        reaped = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -3209,20 +3227,7 @@ class Supervisor:
                           ": " + proc.description if proc.state == _Process.FATAL else "")
             if not was_ready and not self._stopping and proc.tail:
                 self._log.warning("last lines of %s.log:\n    %s", proc.name, "\n    ".join(proc.tail))
-            reaped.append(pid)
-        if reaped:
-            self._release(reaped)
-
-    def _release(self, pids):
-        """A dead child's claim goes back on the queue now, not after a heartbeat timeout."""
-        try:
-            released = self.transport.release_children(self.host, set(pids))
-            if released:
-                self._log.warning("released %d message(s) held by dead worker(s) %s", released, ", ".join(map(str, pids)))
-        except JobRunnerError as exc:
-            self._log.error("could not release the claims of pids %s: %s", pids, exc)
-        finally:
-            self.transport.close()
+            self._reaped.add(pid)  # its claims go back with the next sync, in this same loop turn
 
     def _signal(self, proc, sig):
         if proc.pid is not None:
@@ -3262,20 +3267,26 @@ class Supervisor:
             return
         self._last_sync = now
         interval = self.transport.settings.heartbeat_interval
+        reaped, self._reaped = self._reaped, set()
         try:
             rows = [(p.name, p.program.name, p.state, p.pid, p.state_since, p.started_at, p.description, p.exit_status)
                     for p in self.processes]
             asked = time.monotonic()
             if last:
-                self.transport.sync_processes(self.host, [], remove=[p.name for p in self.processes])
+                self.transport.sync_processes(self.host, [], remove=[p.name for p in self.processes], reaped=reaped)
                 return
-            children = self.transport.sync_processes(self.host, rows,
-                                                     clear_programs=[p.name for p in self.programs] if first else ())
+            released, children = self.transport.sync_processes(
+                self.host, rows, clear_programs=[p.name for p in self.programs] if first else (), reaped=reaped)
+            self._synced = self._states()
+            if released:
+                self._log.warning("released %d message(s) held by dead worker(s) %s", released,
+                                  ", ".join(map(str, sorted(reaped))))
             if time.monotonic() - asked > interval:
                 self._judge.forgive()  # the write lock was held (a long transaction): no worker could beat meanwhile
             self._kill_silent(children)
             self.transport.maintain()
         except JobRunnerError as exc:
+            self._reaped |= reaped  # released on the next try
             self._judge.forgive()
             self._log.error("cannot record process states: %s", exc)
         finally:

@@ -102,7 +102,7 @@ def sups(project):
 
 def status(project, sups=None, missing_ok=False):
     result = project.cli("status", "--json")
-    if missing_ok and result.returncode == 2 and "no database at" in result.stderr:
+    if missing_ok and result.returncode == 2 and ("no database at" in result.stderr or "no jobrunner tables" in result.stderr):
         return {"processes": []}  # the supervisor has not created it yet
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -770,3 +770,72 @@ def test_limits_of_zero_are_refused_because_they_would_restart_in_a_loop(project
         result = project.cli("supervise", "async", option, "0", "--log-dir", "log")
         assert result.returncode == 2
         assert "loop" in result.stderr and result.stderr.count("\n") == 1
+
+
+# --- hardening ----------------------------------------------------------------------------------
+
+HARD = {"JOBRUNNER_APP": "hardapp"}
+
+
+def test_a_killed_workers_grandchild_holding_its_output_does_not_make_the_supervisor_spin(project, sups):
+    # The handler starts a child that inherits stdout and writes to it after the worker is gone.
+    sup = sups.start("hard", env=HARD)
+    pid = wait_running(project, sups, ["hard_00"])["hard_00"]["pid"]
+    project.cli("dispatch", "spawns", '{"n": 1}', env=HARD)
+    wait_until(lambda: project.values("start") == ["1"], message="the handler to start its children")
+    os.kill(pid, signal.SIGKILL)  # from outside: its children live on and keep the old pipe open
+    wait_running(project, sups, ["hard_00"], exclude=(pid,))
+    supervisor = psutil.Process(sup.pid)
+    before = supervisor.cpu_times()
+    time.sleep(3)  # the grandchild writes, then closes the old pipe (EOF) during this
+    after = supervisor.cpu_times()
+    assert (after.user + after.system) - (before.user + before.system) < 0.5  # idle, not 100 % of a core
+    assert "grandchild 1" in log_text(project, "hard_00.log")  # its output still reached the log
+
+
+def test_a_worker_the_supervisor_kills_takes_its_process_group_with_it(project, sups):
+    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    sups.start("hard", env=dict(HARD, JOBRUNNER_DSN=dsn))
+    pid = wait_running(project, sups, ["hard_00"])["hard_00"]["pid"]
+    project.cli("dispatch", "spawns", '{"n": 1}', env=HARD)
+    wait_until(lambda: project.values("start") == ["1"], message="the handler to start its children")
+    children = psutil.Process(pid).children(recursive=True)
+    assert any(c.name() == "sleep" for c in children)
+    os.kill(pid, signal.SIGSTOP)  # silent: the supervisor kills it, and what it started
+    wait_until(lambda: not alive(pid), timeout=10, message="the silent worker to be killed")
+    wait_until(lambda: not any(alive(c) for c in children), timeout=5, message="its children to be gone")
+    assert "has not beaten for 1.5s: killing it" in log_text(project, "supervisor.log")
+
+
+def test_health_stays_healthy_through_planned_restarts(project, sups):
+    sups.start("async", "--numprocs", 2, "--time-limit", 1)
+    wait_running(project, sups, ["async_00", "async_01"])
+    verdicts = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        result = health(project)
+        verdicts.append((result.returncode, result.stdout))
+        time.sleep(0.1)
+    assert log_text(project, "supervisor.log").count("exit status 0 -> EXITED") >= 4  # they did restart
+    assert [v for v in verdicts if v[0] != 0] == []
+
+
+def test_a_log_file_that_is_a_symlink_is_refused_and_its_target_left_alone(project, sups):
+    logs = project.path / "log"
+    logs.mkdir(mode=0o700)
+    target = project.path / "precious.txt"
+    target.write_text("do not touch\n")
+    os.symlink(target, logs / "async_00.log")
+    sup = sups.start("async")
+    assert sup.wait(timeout=10) == 2
+    assert "log file %s is a symbolic link: refusing to follow it" % (logs / "async_00.log") in sups.output(sup)
+    assert target.read_text() == "do not touch\n"
+
+
+def test_a_log_directory_others_can_write_to_is_warned_about(project, sups):
+    logs = project.path / "log"
+    logs.mkdir()
+    os.chmod(logs, 0o777)
+    sup = sups.start("async")
+    wait_running(project, sups, ["async_00"])
+    assert "log directory %s is writable by group or others (mode 777)" % logs in sups.output(sup)
