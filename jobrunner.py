@@ -3808,10 +3808,13 @@ def _act_on_failed(transport, ids, all_, force, filters, verb, as_json, queue_of
         data = {done_key: done}
         if left:
             data["left"] = {str(k): v for k, v in left.items()}
-        return _echo_json(data)
+        _echo_json(data)
+        sys.exit(1 if left else 0)
     _echo("%s %d message(s)" % (done_key, done))
     for message_id, why in sorted(left.items()):
         _echo("message %d stays in the failure queue: %s" % (message_id, _printable(why)), err=True)
+    if left:
+        sys.exit(1)
 
 
 @_command("failed retry", _argument("ids", type=int, nargs=-1),

@@ -396,3 +396,101 @@ def test_every_command_that_prints_data_can_print_json(project):
     assert [m["id"] for m in json.loads(project.cli("failed", "show", "--json").stdout)["failed"]] == [first]
     assert json.loads(project.cli("failed", "retry", str(first), "--json").stdout) == {"requeued": 1}
     assert json.loads(project.cli("failed", "remove", "--all", "--force", "--json").stdout) == {"removed": 0}
+
+
+# --- hardening -----------------------------------------------------------------------------------
+
+BROKEN_APP = """
+import os
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imported"), "a") as f:
+    f.write("imported\\n")
+raise RuntimeError("the mail server is down")
+"""
+
+
+@pytest.mark.parametrize("args,code", [(("stats",), 0), (("failed", "show"), 0), (("status",), 0),
+                                       (("health", "--allow-no-workers"), 0), (("setup",), 0),
+                                       (("stop-workers",), 0), (("failed", "retry", "--all", "--force"), 0)])
+def test_commands_that_need_only_the_database_never_import_the_app_when_given_a_dsn(project, args, code):
+    project.cli("setup")
+    write_module(project, "brokenapp", BROKEN_APP)
+    result = project.cli(*args, env={"JOBRUNNER_APP": "brokenapp"})  # JOBRUNNER_DSN is set
+    assert result.returncode == code, result.stderr
+    assert not (project.path / "imported").exists()
+
+
+def test_an_app_that_fails_to_import_is_one_line_and_v_shows_its_traceback(project):
+    write_module(project, "brokenapp", BROKEN_APP)
+    line = assert_one_line_error(project.cli("handlers", "--app", "brokenapp"))
+    assert line == ("jobrunner: error: app module 'brokenapp' failed to import: RuntimeError: the mail server is down "
+                    "(-v shows the traceback)")
+    result = project.cli("consume", "async", "--app", "brokenapp", "-v")
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr and 'brokenapp.py", line 5' in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("jobrunner: error: app module 'brokenapp' failed to import")
+
+
+def test_jobrunner_alone_and_a_group_alone_show_their_help(project):
+    for args, words in (((), ["Commands:", "consume", "supervise", "failed"]), (("failed",), ["retry", "remove", "show"])):
+        result = project.cli(*args)
+        assert result.stdout.startswith("Usage: jobrunner"), result
+        assert all(word in result.stdout for word in words)
+        assert result.returncode in (0, 2) and "error" not in result.stderr
+
+
+def insert_failed(project, headers, body='{"n": 1}', db=None):
+    import sqlite3
+
+    conn = sqlite3.connect(str(db or project.db))
+    with conn:
+        message_id = conn.execute("INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) "
+                                  "VALUES (?, ?, 'failed', 1, 1)", (body, json.dumps(headers))).lastrowid
+    conn.close()
+    return message_id
+
+
+def test_failed_show_escapes_terminal_control_characters_in_stored_text(project):
+    project.cli("setup")
+    evil = "\x1b[2J\x1b]0;owned\x07\u202eclear\x9b31m"
+    msg_id = insert_failed(project, {"handler": "note" + evil, "error_class": "Boom" + evil, "error_message": evil,
+                                     "traceback": "Traceback\n  " + evil + "\nBoom", "original_queue": "async"},
+                           body=json.dumps({"n": evil}))
+    for args in (("failed", "show"), ("failed", "show", msg_id, "-v"), ("failed", "show", "--stats")):
+        result = project.cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert not any(ch in result.stdout for ch in "\x1b\x07\x9b\u202e"), repr(result.stdout)
+        assert "\\x1b" in result.stdout
+    assert json.loads(project.cli("failed", "show", msg_id, "--json").stdout)["error_message"] == evil  # JSON: as stored
+
+
+def test_a_database_error_in_a_failed_command_is_one_line(project, tmp_path):
+    import sqlite3
+
+    odd = tmp_path / "odd.db"
+    conn = sqlite3.connect(str(odd))
+    conn.executescript("CREATE TABLE messenger_messages (id INTEGER PRIMARY KEY, body TEXT);"
+                       "CREATE TABLE jobrunner_workers (id INTEGER); CREATE TABLE jobrunner_processes (name TEXT);"
+                       "CREATE TABLE jobrunner_control (key TEXT); PRAGMA user_version = 1;")
+    conn.close()
+    for args in (("failed", "show"), ("failed", "show", "3"), ("failed", "retry", "3"), ("failed", "retry", "--all"),
+                 ("failed", "remove", "--all", "--force"), ("stats",), ("status",)):
+        line = assert_one_line_error(project.cli(*args, "--dsn", odd))
+        assert str(odd) in line and "no such column" in line
+
+
+def test_failed_retry_routes_a_message_with_no_original_queue_to_its_handler_or_says_why_it_stays(project):
+    project.cli("setup")
+    moved = insert_failed(project, {"handler": "note_high", "error_class": "X"})
+    result = project.cli("failed", "retry", moved)  # a DSN alone: no app to ask which queue note_high uses
+    assert result.returncode == 1
+    assert result.stdout == "requeued 0 message(s)\n"
+    assert result.stderr == ("message %d stays in the failure queue: its original queue is unknown and no registered "
+                             "handler 'note_high' routes it\n" % moved)
+    assert query(project.db, "SELECT queue_name FROM messenger_messages WHERE id = ?", moved) == [("failed",)]
+    # with the app and no DSN, the app names the database (jobapp: ./jobrunner.db) and knows the handler's queue
+    default_db = project.path / "jobrunner.db"
+    assert project.cli("setup", "--dsn", default_db).returncode == 0
+    moved = insert_failed(project, {"handler": "note_high", "error_class": "X"}, db=default_db)
+    result = project.cli("failed", "retry", moved, env=NO_DSN)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "requeued 1 message(s)\n", "")
+    assert query(default_db, "SELECT queue_name FROM messenger_messages WHERE id = ?", moved) == [("high",)]
