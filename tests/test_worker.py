@@ -508,3 +508,17 @@ def test_a_wall_clock_step_does_not_make_a_live_worker_look_dead(project, app):
     assert finish(a)[0] == 0
     finish(b)
     assert project.values("start") == ["1"] and project.values("note") == ["1"]  # one run: never released
+
+
+def test_an_idle_worker_is_not_woken_into_a_claim_by_other_workers_heartbeats(project, app):
+    app.setup()
+    siblings = [project.start("consume", "low", "--time-limit", "8") for _ in range(5)]  # each beats once a second
+    wait_until(lambda: worker_count(project.db) == 5, message="the siblings")
+    result = project.cli("consume", "async", "--sleep", "10", "--time-limit", "5", "-vvv")
+    assert result.returncode == 0, result.stderr
+    claims = result.stderr.count("sql: UPDATE messenger_messages SET delivered_at")
+    # ~25 sibling beats woke it; a cheap read sent it back to sleep each time instead of a write transaction
+    assert claims <= 2, claims
+    assert result.stderr.count("sql: SELECT MIN(available_at)") >= 10
+    for s in siblings:
+        s.terminate()
