@@ -1950,8 +1950,8 @@ _STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt g
 
 
 def _log_formatter(name):
-    return logging.Formatter("%(asctime)s " + name.replace("%", "%%") + "[%(process)d] %(levelname)s %(message)s",
-                             "%Y-%m-%dT%H:%M:%S")
+    return logging.Formatter("%(asctime)s.%(msecs)03d " + name.replace("%", "%%")
+                             + "[%(process)d] %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
 
 
 def _configure_logging(verbosity, name="worker", stream=None):
@@ -2109,6 +2109,7 @@ class Worker:
         self._call_frame = None
         self._signals_installed = False
         self._signals_seen = 0
+        self._stop_announced = False
 
     def __repr__(self):
         return "<Worker %s queues=%s id=%s>" % (self.name, ",".join(self.queues), self.worker_id)
@@ -2126,9 +2127,24 @@ class Worker:
     def _on_signal(self, signum, frame):
         self._signals_seen += 1
         name = signal.Signals(signum).name
-        if self._signals_seen > 1 and self._current is not None:
+        current = self._current
+        if self._signals_seen > 1 and current is not None:
             raise _ForcedStop(name)
         self.stop("received %s" % name)
+        if current is not None and _stderr_is_a_terminal():
+            # os.write, not logging: this runs inside a signal handler
+            self._stop_announced = True
+            with contextlib.suppress(OSError):
+                os.write(2, ("finishing message %d (%s); %s again to abort it\n" % (
+                    current[0].id, current[1].name, "Ctrl-C" if signum == signal.SIGINT else name)).encode())
+
+    def _announce_stop(self):
+        """Say that a stop waits for the running handler (from the heartbeat: never from a signal handler)."""
+        current = self._current
+        if self._stop_reason is not None and current is not None and not self._stop_announced:
+            self._stop_announced = True
+            _log.info("%s: finishing message %d (%s) first; a second signal aborts it", self._stop_reason,
+                      current[0].id, current[1].name)
 
     def _on_alarm(self, signum, frame):
         # An alarm that lands after the handler returned (we are back in _call's own frame) changes nothing.
@@ -2487,6 +2503,13 @@ def _fail_outcome(delivery, headers, error_class, message, tb, reason=None, atte
     return _Outcome("fail", delivery, now, _encode_headers(failed))
 
 
+def _stderr_is_a_terminal():
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
+
+
 def _format_bytes(n):
     for unit, size in (("G", 1024 ** 3), ("M", _MIB), ("K", _KIB)):
         if n >= size:
@@ -2533,6 +2556,7 @@ class _Heartbeat(threading.Thread):
         failing = False
         while not self._stopped.wait(interval):
             now = time.monotonic()
+            self.worker._announce_stop()
             self._check_stuck_handler(now)
             self._check_parent()
             if not self._check_database():
@@ -3384,6 +3408,8 @@ def _judge_process(proc, timeout):
     """
     state = proc["state"]
     about = "%s (pid %s)" % (proc["name"], proc["pid"]) if proc["pid"] else proc["name"]
+    if proc["supervisor_pid"] is None:
+        about = "worker " + about  # a standalone `consume`
     if state in _UNHEALTHY_STATES or (state == _Process.EXITED and proc.get("exit_status") != 0):
         return "%s is %s%s" % (proc["name"], state, ": " + proc["description"] if proc["description"] else "")
     if state == _Process.RUNNING:
@@ -4040,7 +4066,7 @@ def _cli_types():
                 size = _parse_size(value)
             except ValueError as exc:
                 self.fail(str(exc), param, ctx)
-            if size < self.least and re.fullmatch(r"\s*\d+\s*", str(value)):
+            if 0 < size < self.least and re.fullmatch(r"\s*\d+\s*", str(value)):
                 self.fail("%s bytes is less than a worker needs: did you mean %sM?" % (size, size), param, ctx)
             return size
 

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,14 +23,18 @@ FIGURES = []
 
 
 def report(line):
-    """A figure for the end-of-run summary (the README's Reliability section quotes them)."""
+    """A figure for the end-of-run summary (the README's Reliability section quotes them); a callable is asked
+    at the end of the run, and reports nothing when it returns None."""
     FIGURES.append(line)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
+    """Figures as the tests that produced them counted them; a callable reports only if its tests ran."""
+    lines = [line() if callable(line) else line for line in FIGURES]
+    lines = [line for line in lines if line]
+    if lines:
         terminalreporter.section("reliability figures")
-        for line in FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
 
 
@@ -69,6 +74,24 @@ def wait_until(condition, timeout=10.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
         time.sleep(interval)
+
+
+def watch_stderr(proc):
+    """Collect a started process's stderr line by line in a thread, so a test can wait for one line."""
+    proc.err_lines = []
+
+    def pump():
+        for line in proc.stderr:
+            proc.err_lines.append(line)
+
+    proc.err_thread = threading.Thread(target=pump, daemon=True)
+    proc.err_thread.start()
+    return proc
+
+
+def wait_for_stderr(proc, text, timeout=10.0):
+    """Wait until a watched process has written a line containing ``text``."""
+    return wait_until(lambda: any(text in line for line in proc.err_lines), timeout=timeout, message=repr(text))
 
 
 class Project:

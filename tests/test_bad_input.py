@@ -5,11 +5,14 @@ altered, no code runs that the app did not register, and the user never sees
 a traceback.
 """
 
-import contextlib
-import io
+import collections
+import functools
 import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -17,7 +20,40 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jobrunner
-from conftest import report
+from conftest import APPS, JOBRUNNER, REPO, report
+
+# Counted by the tests themselves, reported only for the tests that ran.
+RUNS = collections.Counter()
+
+
+def counted(name):
+    """Count each generated example of a test, and each one that failed."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            RUNS[name, "examples"] += 1
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:
+                RUNS[name, "failed"] += 1
+                raise
+
+        return run
+
+    return decorate
+
+
+def _figures():
+    names = sorted({name for name, what in RUNS if what == "examples"})
+    if not names:
+        return None
+    parts = ["%s: %d examples, %d failed" % (name, RUNS[name, "examples"], RUNS[name, "failed"]) for name in names]
+    return "generated bad input (hypothesis): " + "; ".join(parts) + "; %d stored rows checked unaltered" % RUNS[
+        "rows", "checked"]
+
+
+report(_figures)
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +120,7 @@ def names_an_unknown_handler(headers):
 
 @SETTINGS
 @given(st.lists(st.tuples(body_values, header_values), min_size=1, max_size=6))
+@counted("garbage rows")
 def test_garbage_rows_end_in_the_failure_queue_untouched(rows):
     g = Garbage()
     g.jobs.setup()
@@ -101,6 +138,7 @@ def test_garbage_rows_end_in_the_failure_queue_untouched(rows):
         stored_body, queue, delivered = after[row_id]
         assert delivered is None
         assert stored_body == stored[row_id][0], "the body of a failed message was altered"
+        RUNS["rows", "checked"] += 1
         if queue != jobrunner.FAILED_QUEUE:
             # a handler only newer code may have (a rolling deploy): retried later, not failed at once
             assert queue == "async" and names_an_unknown_handler(headers), (body, headers)
@@ -110,6 +148,7 @@ def test_garbage_rows_end_in_the_failure_queue_untouched(rows):
 
 @SETTINGS
 @given(st.text(max_size=30) | st.binary(max_size=10).map(repr))
+@counted("queue names")
 def test_odd_queue_names_are_refused_cleanly(queue):
     g = Garbage()
     try:
@@ -120,52 +159,102 @@ def test_odd_queue_names_are_refused_cleanly(queue):
         assert queue == "async"
 
 
+LIMIT = 1024 * 1024
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_bodies_are_refused_exactly_above_max_body_bytes(tmp_path, offset):
+    jobs = jobrunner.JobRunner(str(tmp_path / "jobs.db"), max_body_bytes=LIMIT)
+    jobs.handler("note")(lambda n: None)
+    overhead = len(json.dumps({"n": ""}, separators=(",", ":")))
+    payload = {"n": "x" * (LIMIT + offset - overhead)}  # a body of LIMIT + offset bytes
+    if offset <= 0:
+        msg_id = jobs.dispatch("note", payload)
+        assert query_one(jobs, "SELECT length(body) FROM messenger_messages WHERE id = ?", msg_id) == LIMIT + offset
+    else:
+        with pytest.raises(jobrunner.InvalidMessage, match="is %d bytes, over the %d-byte limit" % (LIMIT + 1, LIMIT)):
+            jobs.dispatch("note", payload)
+        assert not os.path.exists(jobs.settings.path) or query_one(jobs, "SELECT COUNT(*) FROM messenger_messages") == 0
+    multibyte = {"n": "é" * ((LIMIT + offset - overhead) // 2)}  # counted in UTF-8 bytes, not characters
+    size = len(json.dumps(multibyte, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > LIMIT:
+        with pytest.raises(jobrunner.InvalidMessage):
+            jobs.dispatch("note", multibyte)
+    else:
+        jobs.dispatch("note", multibyte)
+    jobs.transport.close()
+
+
+def query_one(jobs, sql, *params):
+    conn = sqlite3.connect(jobs.settings.path)
+    try:
+        return conn.execute(sql, params).fetchone()[0]
+    finally:
+        conn.close()
+
+
 @SETTINGS
-@given(st.integers(min_value=1, max_value=3 * 1024 * 1024))
+@given(st.integers(min_value=1, max_value=3 * LIMIT))
+@counted("body sizes")
 def test_huge_bodies_are_refused_at_dispatch(size):
     g = Garbage()
-    g.jobs.settings = jobrunner.Settings(g.jobs.settings.path, max_body_bytes=1024 * 1024)
+    g.jobs.use_dsn(max_body_bytes=LIMIT)
     payload = {"n": "x" * size}
+    body = len(json.dumps(payload, separators=(",", ":")))
     try:
         g.jobs.dispatch("note", payload)
     except jobrunner.InvalidMessage as exc:
-        assert size > 1024 * 1024 - 10 and "max_body_bytes" in str(exc)
+        assert body > LIMIT and "max_body_bytes" in str(exc)
         assert not os.path.exists(g.jobs.settings.path) or not g.rows()
     else:
-        assert size <= 1024 * 1024
+        assert body <= LIMIT
 
 
-WORDS = ["setup", "dispatch", "stats", "handlers", "failed", "show", "retry", "remove", "status", "health",
-         "stop-workers", "note", "nope", "--json", "--all", "--force", "--queue", "--delay", "--max", "--stats", "-v",
-         "--max-ready", "--max-age", "--limit", "--dsn", "--app", "async", "failed", "-1", "0", "1e309", "nan", "{}",
+WORDS = ["setup", "dispatch", "consume", "supervise", "stats", "handlers", "failed", "show", "retry", "remove",
+         "status", "health", "stop-workers", "note", "nope", "async", "failed", "empty", "--json", "--all", "--force",
+         "--queue", "--delay", "--max", "--stats", "-v", "-vvv", "--max-ready", "--max-age", "--limit",
+         "--failure-limit", "--memory-limit", "--time-limit", "--sleep", "--numprocs", "--config", "--name",
+         "--startsecs", "--log-dir", "--dsn", "--app", "-1", "0", "0.2", "1e309", "nan", "5", "64M", "{}",
          '{"n": 1}', '{"n": ', "[1]", "null", "", "💥", "--", "-", "--help", "1", "99999999999999999999"]
 
 
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    """A working directory for the fuzzed commands: whatever they create stays out of the repository."""
+    return tmp_path_factory.mktemp("fuzz")
+
+
 @SETTINGS
-@given(st.lists(st.sampled_from(WORDS) | st.text(max_size=12), max_size=7))
-def test_odd_command_lines_never_show_a_traceback(argv):
+@given(argv=st.lists(st.sampled_from(WORDS) | st.text(max_size=12), max_size=7))
+@counted("command lines")
+def test_odd_command_lines_never_show_a_traceback(fuzz_dir, argv):
     g = Garbage()
     g.jobs.setup()
     kept = g.jobs.dispatch("note", {"n": "kept"})
     before = g.rows()[kept]
-    os.environ["JOBRUNNER_DSN"] = g.jobs.settings.path
-    os.environ["JOBRUNNER_APP"] = "fuzzapp"
-    import fuzzapp
-
-    fuzzapp.jobs.use_dsn(g.jobs.settings.path)
-    out, err = io.StringIO(), io.StringIO()
+    env = dict(os.environ, JOBRUNNER_DSN=g.jobs.settings.path, JOBRUNNER_APP="fuzzapp",
+               PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]))
+    # every command runs in a process of its own; one that runs (consume, supervise) is stopped by SIGTERM
+    proc = subprocess.Popen([sys.executable, JOBRUNNER, *argv], cwd=str(fuzz_dir), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, stdin=subprocess.DEVNULL)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = jobrunner.main(list(argv))
-    finally:
-        del os.environ["JOBRUNNER_DSN"], os.environ["JOBRUNNER_APP"]
-    assert code in (0, 1, 2), (argv, code, err.getvalue())
-    assert "Traceback" not in err.getvalue() + out.getvalue()
-    if code == 2 and not out.getvalue().startswith("Usage:"):  # the help itself, for `jobrunner` alone
-        assert err.getvalue().count("\n") == 1, err.getvalue()
-    assert g.rows().get(kept) == before, "a stored message changed"
+        out, err = proc.communicate(timeout=4)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError("%r did not stop on SIGTERM" % (argv,))
+    code = proc.returncode
+    assert code in (0, 1, 2), (argv, code, err)
+    assert "Traceback" not in err + out, (argv, err)
+    if code == 2 and not out.startswith("Usage:"):  # the help itself, for `jobrunner` alone
+        assert err.count("\n") == 1, (argv, err)
+    assert g.rows().get(kept) == before or argv_consumes(argv), "a stored message changed"
 
 
-def test_bad_input_figures():
-    report("generated bad input: %d examples each of garbage rows, queue names, body sizes and command lines; "
-           "0 worker crashes, 0 tracebacks, 0 stored messages altered" % SETTINGS.max_examples)
+def argv_consumes(argv):
+    """A command line that may really have handled (or replayed) the kept message."""
+    return any(word in ("consume", "supervise") for word in argv)

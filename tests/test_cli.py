@@ -387,15 +387,27 @@ def test_a_pyproject_with_an_odd_tool_table_is_not_a_crash(project):
 
 
 def test_every_command_that_prints_data_can_print_json(project):
-    import json
+    def as_json(*args, code=0):
+        result = project.cli(*args, "--json")
+        assert result.returncode == code, (args, result.stderr)
+        return json.loads(result.stdout)
 
-    assert json.loads(project.cli("setup", "--json").stdout) == {"database": str(project.db)}
-    first = json.loads(project.cli("dispatch", "always_fails", '{"n": 1}', "--json").stdout)["id"]
-    assert json.loads(project.cli("stop-workers", "--json").stdout) == {"asked": 0}
-    assert project.cli("consume", "async", "--time-limit", "2").returncode == 0
-    assert [m["id"] for m in json.loads(project.cli("failed", "show", "--json").stdout)["failed"]] == [first]
-    assert json.loads(project.cli("failed", "retry", str(first), "--json").stdout) == {"requeued": 1}
-    assert json.loads(project.cli("failed", "remove", "--all", "--force", "--json").stdout) == {"removed": 0}
+    assert as_json("setup") == {"database": str(project.db)}
+    first = as_json("dispatch", "always_fails", '{"n": 1}')["id"]  # max_retries=2: fails for good on the 3rd attempt
+    second = as_json("dispatch", "always_fails", '{"n": 2}')["id"]
+    assert as_json("stop-workers") == {"asked": 0}
+    assert project.cli("consume", "async", "--limit", "6", "--time-limit", "20").returncode == 0
+    assert sorted(m["id"] for m in as_json("failed", "show")["failed"]) == [first, second]
+    assert as_json("failed", "show", first)["error_class"] == "ValueError"
+    assert as_json("failed", "show", "--stats")["failed"] == 2
+    assert as_json("failed", "retry", first) == {"requeued": 1}
+    assert as_json("failed", "remove", "--all", "--force") == {"removed": 1}  # the second one
+    assert query(project.db, "SELECT id, queue_name FROM messenger_messages") == [(first, "async")]
+    assert [q["queue"] for q in as_json("stats")["queues"]] == ["async"]
+    assert as_json("status") == {"processes": []}
+    health = as_json("health", code=1)
+    assert health["healthy"] is False and health["reasons"][0].startswith("no worker is running")
+    assert [h["name"] for h in as_json("handlers")["handlers"]][:2] == ["note", "note_high"]
 
 
 # --- hardening -----------------------------------------------------------------------------------

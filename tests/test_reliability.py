@@ -70,7 +70,8 @@ def check_all_handled(project, count, kills):
 
 
 def test_workers_killed_at_random_lose_nothing(project):
-    count = 3000
+    # 3 workers x 3 ms handlers: the drain takes ~4 s whatever the CPU; the 12 kills take ~3 s of it.
+    count, planned = 4000, 12
     fill(project, count)
     supervisor = project.start("supervise", "async", "--numprocs", "3", "--log-dir", "var/log",
                                env=RELIAPP)
@@ -82,12 +83,12 @@ def test_workers_killed_at_random_lose_nothing(project):
             assert time.monotonic() - started < 90, "drain stalled at %d" % len(set(project.values()))
             time.sleep(rng.uniform(0.1, 0.4))
             victims = workers_of(supervisor)
-            if victims and len(set(project.values())) < count:
+            if victims and kills < planned and len(set(project.values())) < count:
                 os.kill(rng.choice(victims).pid, signal.SIGKILL)
                 kills += 1
         wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
         duplicates = check_all_handled(project, count, kills)
-        assert kills >= 5
+        assert kills >= planned // 2, "the drain ended after %d kills: too fast to be a test" % kills
         report("random SIGKILLs of 3 supervised workers: %d messages, %d kills, lost 0, failed 0, %d duplicates, "
                "%.1fs" % (count, kills, duplicates, time.monotonic() - started))
     finally:
@@ -145,9 +146,11 @@ def test_four_producers_four_consumers(project):
     handled = project.handled()
     values = [v for v, _ in handled]
     assert sorted(values, key=int) == [str(i) for i in range(count)], "lost or handled twice"
-    assert len({pid for _, pid in handled}) == 4, "every consumer took part"
+    took_part = len({pid for _, pid in handled})
+    assert took_part >= 2, "the consumers did not share the work"  # all four usually; SQLite promises no fairness
     assert queue_counts(project) == (0, 0)
-    report("4 producers and 4 consumers: %d messages in %.1fs, lost 0, handled twice 0" % (count, elapsed))
+    report("4 producers and 4 consumers: %d messages in %.1fs, %d consumers took part, lost 0, handled twice 0"
+           % (count, elapsed, took_part))
 
 
 def cpu_seconds(pid):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -600,9 +601,14 @@ def test_status_and_health_do_not_report_a_killed_supervisors_workers_as_running
     sup.wait()
     wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5, message="the orphaned workers to stop")
     procs = status(project)["processes"]
-    assert [p for p in procs if p["state"] in ("RUNNING", "STARTING")] == [], procs
+    assert sorted((p["name"], p["state"], p["description"]) for p in procs) == [
+        ("slow_00", "UNKNOWN", "supervisor (pid %d) is gone" % sup.pid),
+        ("slow_01", "UNKNOWN", "supervisor (pid %d) is gone" % sup.pid)]
     result = health(project)
     assert result.returncode == 1
+    assert result.stdout == ("UNHEALTHY: slow_00 is UNKNOWN: supervisor (pid {0}) is gone; slow_01 is UNKNOWN: "
+                             "supervisor (pid {0}) is gone; no worker is running on {1} (--allow-no-workers if that is "
+                             "expected)\n".format(sup.pid, project.db))
 
 
 # --- logs -------------------------------------------------------------------------------------
@@ -619,7 +625,7 @@ def test_worker_logs_rotate_at_the_configured_size_keeping_whole_lines(project, 
     wait_until(lambda: "message 32 handled by note" in log_text(project, "async_00.log"), timeout=5)
     logs = project.path / "log"
     assert sorted(os.listdir(logs)) == ["async_00.log", "async_00.log.1", "async_00.log.2", "supervisor.log"]
-    line = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d async_00\[\d+\] [A-Z]+ .*|report r line \d{3} x{60})\Z")
+    line = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} async_00\[\d+\] [A-Z]+ .*|report r line \d{3} x{60})\Z")
     for name in ("async_00.log", "async_00.log.1", "async_00.log.2"):
         data = (logs / name).read_bytes()
         assert stat.S_IMODE(os.stat(logs / name).st_mode) == 0o600
@@ -634,19 +640,49 @@ def test_worker_logs_rotate_at_the_configured_size_keeping_whole_lines(project, 
                      (logs / "async_00.log").read_text())
 
 
-def test_log_rotation_defaults_are_10mb_and_3_backups(project):
-    result = project.cli("supervise", "--help")
-    assert result.returncode == 0
-    text = " ".join(result.stdout.split())
-    assert re.search(r"--log-max-bytes SIZE Rotate a log at this size\. \[default: 10MB\]", text)
-    assert re.search(r"--log-backups INTEGER RANGE Rotated logs to keep\. \[default: 3; x>=0\]", text)
+def test_log_rotation_defaults_are_10mb_and_3_backups(project, sups):
+    sups.start("async", env={"JOBRUNNER_APP": "supapp"})  # no log option: the defaults
+    wait_running(project, sups, ["async_00"])
+    line = 100  # bytes per report line with width 72
+    for n in range(5):  # 5 x 9.6 MB: four rotations
+        dispatch(project, "report", n=n, lines=96000, width=72, _env={"JOBRUNNER_APP": "supapp"})
+    wait_until(lambda: len(project.handled("note")) == 5, timeout=30, message="five reports")
+    wait_until(lambda: "report 4 line 95999" in log_text(project, "async_00.log"), timeout=10)
+    logs = project.path / "log"
+    assert sorted(n for n in os.listdir(logs) if n.startswith("async")) == [
+        "async_00.log", "async_00.log.1", "async_00.log.2", "async_00.log.3"]  # 3 backups; the oldest dropped
+    for name in ("async_00.log.1", "async_00.log.2", "async_00.log.3"):
+        size = os.path.getsize(logs / name)
+        assert 10 * 1024 * 1024 - line < size <= 10 * 1024 * 1024, (name, size)  # full, up to the last whole line
 
 
-def test_supervise_help_names_the_states_as_supervisord_does(project):
-    text = " ".join(project.cli("supervise", "--help").stdout.split())
-    assert "--startsecs FLOAT RANGE Longest a worker may take to become ready (app imported, registered); 0: ready " \
-           "at once. [default: 10.0; x>=0]" in text
-    assert "--startretries INTEGER RANGE Exits before ready, in a row, before FATAL." in text
+def test_backoff_waits_1_2_3_seconds_between_failed_starts(project, sups):
+    imports, fixed = project.path / "imports", project.path / "fixed"
+    env = {"JOBRUNNER_APP": "supbroken", "SUPBROKEN_IMPORTS": str(imports), "SUPBROKEN_FIXED": str(fixed)}
+    sup = sups.start("async", "--startretries", 3, env=env)
+    assert sup.wait(timeout=20) == 1
+    log = log_text(project, "supervisor.log")
+    import datetime
+
+    spawned = [datetime.datetime.fromisoformat(t).timestamp()
+               for t in re.findall(r"^(\S+) supervisor\[\d+\] INFO spawned async_00", log, re.M)]
+    exited = [datetime.datetime.fromisoformat(t).timestamp()
+              for t in re.findall(r"^(\S+) supervisor\[\d+\] WARNING async_00 \(pid \d+\) exit status 2", log, re.M)]
+    assert len(spawned) == 4 and len(exited) == 4, log
+    for retry in (1, 2, 3):  # each start waits its delay after the previous failure, and not much longer
+        gap = spawned[retry] - exited[retry - 1]
+        assert retry - 0.01 <= gap < retry + 1.0, (retry, gap)
+
+
+def test_a_worker_is_starting_until_it_is_ready(project, sups):
+    sups.start("async", env={"JOBRUNNER_APP": "slowstart", "SLOWSTART_S": "2"})
+    starting = wait_until(lambda: supervised(status(project, missing_ok=True)).get("async_00", {}).get("state")
+                          == "STARTING", timeout=10, message="async_00 STARTING")
+    assert starting
+    procs = supervised(status(project))
+    assert procs["async_00"]["state"] == "STARTING" and procs["async_00"]["pid"]
+    assert health(project).returncode == 0  # starting is healthy
+    wait_running(project, sups, ["async_00"], timeout=10)
 
 
 # --- a supervisord-style config file ----------------------------------------------------------
@@ -701,6 +737,46 @@ def test_a_config_file_runs_each_program_with_its_own_settings(project, sups, ap
     assert "received SIGINT: stopping all workers" in log_text(project, "supervisor.log", "logs")
     for name, p in procs.items():
         assert not alive(p["pid"])
+
+
+def test_a_config_files_supervisord_settings_take_effect(project, sups, app):
+    (project.path / "workers.conf").write_text("""\
+[program:slow]
+command = consume slow
+process_name = %(program_name)s_%(process_num)02d
+autorestart = false
+stopwaitsecs = 1
+
+[program:tiny]
+command = consume async --memory-limit 1M
+startretries = 1
+""")
+    sup = sups.start("--config", "workers.conf", log_dir="logs")
+    wait_until(lambda: supervised(status(project, missing_ok=True)).get("tiny_00", {}).get("state") == "FATAL",
+               timeout=10, message="tiny FATAL")
+    log = log_text(project, "supervisor.log", "logs")
+    assert log.count("spawned tiny_00") == 2  # startretries = 1: the first start and one retry
+    assert "[program:slow] process_name is not used by jobrunner; ignored" in sups.output(sup)
+    pid = wait_until(lambda: supervised(status(project)).get("slow_00", {}).get("pid"), message="slow_00")
+    dispatch(project, "crash", n=1)  # autorestart = false: a crashed worker stays EXITED
+    wait_until(lambda: supervised(status(project))["slow_00"]["state"] == "EXITED", timeout=10, message="EXITED")
+    time.sleep(1.5)  # an absence: what a restart would have taken, and then some
+    assert supervised(status(project))["slow_00"]["pid"] is None and "spawned slow_00" in log_text(
+        project, "supervisor.log", "logs") and not alive(pid)
+    assert log_text(project, "supervisor.log", "logs").count("spawned slow_00") == 1
+    conn = sqlite3.connect(str(project.db))
+    with conn:
+        conn.execute("DELETE FROM messenger_messages")  # the crashing message would crash the next worker too
+    conn.close()
+    sup.send_signal(signal.SIGHUP)  # restart everything, slow_00 included
+    pid = wait_until(lambda: supervised(status(project)).get("slow_00", {}).get("pid"), message="slow_00 again")
+    dispatch(project, "slow", n=2, seconds=30)
+    wait_until(lambda: project.values("start") == ["2"], message="the slow handler")
+    sup.send_signal(signal.SIGTERM)  # stopwaitsecs = 1: killed a second after it was asked to stop
+    started = time.monotonic()
+    assert sup.wait(timeout=15) == 0
+    assert 0.9 < time.monotonic() - started < 5
+    assert "slow_00 (pid %d) did not stop within 1s: SIGKILL" % pid in log_text(project, "supervisor.log", "logs")
 
 
 def test_a_config_file_works_with_the_database_in_jobrunner_dsn(project, sups):
@@ -774,11 +850,22 @@ def test_a_long_write_transaction_does_not_get_healthy_workers_killed(project, s
     assert {p["pid"] for p in status(project)["processes"]} == pids
 
 
-def test_limits_of_zero_are_refused_because_they_would_restart_in_a_loop(project):
-    for option in ("--limit", "--time-limit"):
-        result = project.cli("supervise", "async", option, "0", "--log-dir", "log")
-        assert result.returncode == 2
-        assert "loop" in result.stderr and result.stderr.count("\n") == 1
+@pytest.mark.parametrize("option", ["--limit", "--failure-limit", "--memory-limit", "--time-limit"])
+def test_limits_of_zero_are_refused_because_they_would_restart_in_a_loop(project, option):
+    result = project.cli("supervise", "async", option, "0", "--log-dir", "log")
+    assert (result.returncode, result.stderr) == (
+        2, "jobrunner: error: program async: %s 0 would restart its workers in a loop\n" % option)
+    (project.path / "w.ini").write_text("[program:w]\ncommand = consume async %s 0\n" % option)
+    result = project.cli("supervise", "--config", "w.ini", "--log-dir", "log")
+    assert (result.returncode, result.stderr) == (
+        2, "jobrunner: error: program w: %s 0 would restart its workers in a loop\n" % option)
+    assert not (project.path / "log").exists()  # refused before anything started
+
+
+def test_a_memory_limit_without_a_unit_below_a_kilobyte_is_refused_with_a_hint(project):
+    result = project.cli("consume", "async", "--memory-limit", "5")
+    assert result.returncode == 2
+    assert "5 bytes is less than a worker needs: did you mean 5M?" in result.stderr
 
 
 # --- hardening ----------------------------------------------------------------------------------
@@ -848,3 +935,23 @@ def test_a_log_directory_others_can_write_to_is_warned_about(project, sups):
     sup = sups.start("async")
     wait_running(project, sups, ["async_00"])
     assert "log directory %s is writable by group or others (mode 777)" % logs in sups.output(sup)
+
+
+def test_health_fails_on_a_worker_that_stopped_beating_supervised_or_standalone(project, sups, app):
+    # health judges with its own DSN's timeout (1 s) while the supervisor waits 30 s before killing anyone
+    quick = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1" % project.db
+    sups.start("async")
+    supervised_pid = wait_running(project, sups, ["async_00"])["async_00"]["pid"]
+    standalone = project.start("consume", "low")
+    wait_until(lambda: len(status(project)["processes"]) == 2, message="the standalone worker")
+    assert health(project, "--dsn", quick).returncode == 0
+    os.kill(supervised_pid, signal.SIGSTOP)
+    os.kill(standalone.pid, signal.SIGSTOP)
+    try:
+        result = wait_until(lambda: (lambda r: r.returncode == 1 and "consume" in r.stdout and r)(
+            health(project, "--dsn", quick)), timeout=10, message="health to notice both")
+        assert re.search(r"async_00 \(pid %d\) has not beaten for \d+s" % supervised_pid, result.stdout)
+        assert re.search(r"worker consume \(pid %d\) has not beaten for \d+s" % standalone.pid, result.stdout)
+    finally:
+        os.kill(supervised_pid, signal.SIGCONT)
+        os.kill(standalone.pid, signal.SIGCONT)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, query, wait_until
+from conftest import REPO, query, wait_for_stderr, wait_until, watch_stderr
 
 
 def messages(db):
@@ -43,6 +43,10 @@ def sequence(project):
 
 def finish(proc, timeout=15):
     """Wait for a started process; return (exit code, stderr)."""
+    if hasattr(proc, "err_thread"):  # its stderr is being watched: wait for the end of it
+        proc.wait(timeout=timeout)
+        proc.err_thread.join(timeout=timeout)
+        return proc.returncode, "".join(proc.err_lines)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
@@ -259,13 +263,17 @@ def test_stop_workers_stops_every_idle_worker(project, app):
 
 
 def test_stop_workers_lets_a_busy_worker_finish_its_message(project, app):
-    first, second = app.dispatch_many("slow", [{"n": 1, "seconds": 1.5}, {"n": 2, "seconds": 1.5}])
-    worker = project.start("consume", "slow")
-    wait_until(lambda: project.values("start") == ["1"], message="the slow handler to start")
+    gate = project.path / "gate"
+    first, second = app.dispatch_many("gate", [{"n": 1, "path": str(gate)}, {"n": 2, "path": str(gate)}])
+    worker = watch_stderr(project.start("consume", "slow"))
+    wait_until(lambda: project.values("start") == ["1"], message="the first message to start")
     assert project.cli("stop-workers").returncode == 0
+    # the worker has seen the request (its heartbeat relays it) while the handler still runs
+    wait_for_stderr(worker, "stop-workers was requested: finishing message %d (gate) first" % first)
+    gate.touch()
     code, err = finish(worker)
     assert code == 0, err
-    assert "stop-workers was requested" in err
+    assert "stopped: stop-workers was requested" in err
     assert project.values("note") == ["1"] and project.values("start") == ["1"]
     assert messages(project.db) == [(second, "slow", 0, 0)]
 
@@ -314,20 +322,22 @@ def test_a_second_signal_interrupts_a_transactional_handler_and_leaves_nothing_l
         "    open(%r, 'w').write('started')\n    time.sleep(30)\n" % str(tmp_path / "started"))
     env = {"JOBRUNNER_APP": "txslowapp", "PYTHONPATH": "%s:%s" % (tmp_path, project.env["PYTHONPATH"])}
     assert project.cli("dispatch", "hold", '{"n": 1}', env=env).returncode == 0
-    worker = project.start("consume", "async", env=env)
+    worker = watch_stderr(project.start("consume", "async", env=env))
     wait_until(lambda: (tmp_path / "started").exists(), message="the handler to start")
     worker.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    # the first signal was handled (not merely sent) before the second goes
+    wait_for_stderr(worker, "received SIGTERM: finishing message 1 (hold) first; a second signal aborts it")
     worker.send_signal(signal.SIGTERM)
     code, err = finish(worker)
     assert code == 1, err
     assert "twice" in err and "Traceback" not in err
-    # the message is back, its attempt given back; its write rolled back; the database is not locked
+    # the message is back, its attempt given back; its write rolled back (with the table it created)
     assert messages(project.db) == [(1, "async", 0, 0)]
     conn = sqlite3.connect(str(project.db), timeout=0.5)
-    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 't'").fetchall() in ([], [("t",)])
-    conn.execute("BEGIN IMMEDIATE")
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 't'").fetchall() == []
+    conn.execute("BEGIN IMMEDIATE")  # and the database is not locked
     conn.execute("ROLLBACK")
+    conn.close()
     assert worker_count(project.db) == 0
 
 
@@ -522,3 +532,123 @@ def test_an_idle_worker_is_not_woken_into_a_claim_by_other_workers_heartbeats(pr
     assert result.stderr.count("sql: SELECT MIN(available_at)") >= 10
     for s in siblings:
         s.terminate()
+
+
+# --- what the README promises -----------------------------------------------------------------
+
+
+def test_an_acknowledgement_after_the_claim_was_lost_is_refused(project, app):
+    # A is frozen mid-handler past the heartbeat timeout; B takes the message over and finishes it; A wakes
+    # up and finishes too: its acknowledgement is refused, and the message was handled exactly twice.
+    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    env = {"JOBRUNNER_DSN": dsn}
+    msg_id = app.dispatch("slow", {"n": 1, "seconds": 1.0})
+    a = watch_stderr(project.start("consume", "slow", env=env))
+    wait_until(lambda: project.values("start") == ["1"], message="A to start")
+    a.send_signal(signal.SIGSTOP)
+    b = project.start("consume", "slow", "--limit", "1", env=env)
+    assert finish(b, timeout=30)[0] == 0  # B released A's claim, then handled the message
+    assert len(project.values("note")) == 1
+    a.send_signal(signal.SIGCONT)
+    code, err = finish(a, timeout=30)
+    assert code == 1  # declared dead while frozen: it says so and stops
+    assert "message %d: claim was released while handling it (worker thought dead); outcome refused" % msg_id in err
+    assert "this worker was declared dead after missing its heartbeats" in err
+    assert project.values("start") == ["1", "1"] and project.values("note") == ["1", "1"]
+    assert messages(project.db) == []  # acknowledged once, by B; nothing failed
+
+
+def test_a_transactional_handler_that_lost_its_claim_rolls_back_its_writes(project):
+    import hardapp
+    import jobapp
+
+    jobs = hardapp.jobs
+    jobs.use_dsn(str(project.db))
+    jobapp.OUT = str(project.out)
+    msg_id = jobs.dispatch("tx_note", {"n": 1})
+    worker = jobs.worker(["hard"], install_signals=False)
+    worker_id = jobs.transport.register_worker("frozen", "here", ["hard"], time.time())
+    delivery, _, _, _ = jobs.transport.claim(["hard"], worker_id)
+    dead, released = jobs.transport.release_workers({worker_id: None})  # another worker's reaper thought it dead
+    assert (dead, released) == ([worker_id], 1)
+    assert worker._process(delivery) is None  # the handler ran, then its acknowledgement was refused
+    assert project.values("note") == ["1"]
+    assert query(project.db, "SELECT name FROM sqlite_master WHERE name = 'ledger'") == []  # its write rolled back
+    assert messages(project.db) == [(msg_id, "hard", 0, 1)]  # still there, for whoever holds it now
+    jobs.transport.close()
+
+
+def test_a_handler_stuck_where_python_cannot_interrupt_it_is_abandoned_and_retried(project):
+    marker = project.path / "stuck-once"
+    msg_id = hard_dispatch(project, "stuck_in_c", n=1, marker=str(marker))
+    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    started = time.monotonic()
+    result = project.cli("consume", "hard", "--time-limit", "30", env=dict(HARD, JOBRUNNER_DSN=dsn))
+    assert result.returncode == 70, result.stderr
+    assert 5.0 < time.monotonic() - started < 15  # its 0.5 s timeout, then 5 s of grace
+    assert "handler stuck past its timeout of 0.5s where Python cannot interrupt it; exiting" in result.stderr
+    # the next worker finds the claim of a dead process and retries the message (its attempt counted)
+    result = project.cli("consume", "hard", "--limit", "1", "--time-limit", "20", env=dict(HARD, JOBRUNNER_DSN=dsn))
+    assert result.returncode == 0, result.stderr
+    assert project.values("start") == ["1", "1"] and project.values("note") == ["1"]
+    assert messages(project.db) == []
+    del msg_id
+
+
+def test_recoverable_error_retry_after_sets_when_the_retry_happens(project):
+    msg_id = hard_dispatch(project, "busy_later", n=1, seconds=30)  # max_retries=0 would fail any other error
+    before = time.time()
+    result = project.cli("consume", "hard", "--limit", "1", "--time-limit", "10", env=HARD)
+    assert result.returncode == 0, result.stderr
+    [(queue, available, attempts)] = query(project.db, "SELECT queue_name, available_at, attempts FROM "
+                                                       "messenger_messages WHERE id = ?", msg_id)
+    assert queue == "hard" and attempts == 1
+    assert before + 30 <= available <= time.time() + 30  # retry_after, not the strategy's delay
+
+
+def test_consume_with_no_queue_takes_every_queue_of_the_app_in_registration_order(project, app):
+    app.dispatch("note_low", {"n": "low"})
+    app.dispatch("note_high", {"n": "high"})
+    app.dispatch("note", {"n": "async"})
+    result = project.cli("consume", "--limit", "3", "--time-limit", "10")
+    assert result.returncode == 0, result.stderr
+    assert "consuming async, high, low, slow, empty" in result.stderr  # handlers' queues in order, then declared ones
+    assert [(kind, value) for kind, value, _, _ in records(project)] == [("note", "async"), ("high", "high"),
+                                                                        ("low", "low")]
+
+
+@pytest.mark.parametrize("dsn_options,expected", [("", 1), ("?synchronous=FULL", 2)])
+def test_the_synchronous_option_is_applied_on_the_workers_connection(project, dsn_options, expected):
+    hard_dispatch(project, "pragma", n=1)
+    env = dict(HARD, JOBRUNNER_DSN="sqlite:///%s%s" % (project.db, dsn_options))
+    assert project.cli("consume", "hard", "--limit", "1", "--time-limit", "10", env=env).returncode == 0
+    assert project.values("synchronous") == [str(expected)]  # 1 NORMAL, 2 FULL
+
+
+def test_memory_limits_and_status_work_without_psutil(project, app, tmp_path):
+    blocker = tmp_path / "nopsutil"
+    blocker.mkdir()
+    (blocker / "psutil.py").write_text("raise ImportError('psutil is not installed here')\n")
+    env = {"JOBRUNNER_APP": "supapp", "PYTHONPATH": "%s:%s" % (blocker, project.env["PYTHONPATH"])}
+    assert project.cli("dispatch", "grow", '{"n": 1, "mb": 128}', env=env).returncode == 0
+    worker = watch_stderr(project.start("consume", "async", "--memory-limit", "100M", "--sleep", "0.2", env=env))
+    code, err = finish(worker)
+    assert code == 0, err
+    assert re.search(r"stopped: memory limit of 100\.0M exceeded \(RSS 1\d\d\.\dM\)", err), err
+    idle = project.start("consume", "low", env=env)
+    wait_until(lambda: worker_count(project.db) == 1, message="a worker")
+    time.sleep(1.2)  # one heartbeat records its memory
+    result = project.cli("status", env=env)
+    assert result.returncode == 0 and re.search(r"rss \d+\.\dM", result.stdout), result.stdout
+    idle.terminate()
+
+
+def test_vvv_logs_every_sql_statement(project, app):
+    app.dispatch("note", {"n": 1})
+    result = project.cli("consume", "async", "--limit", "1", "-vvv")
+    assert result.returncode == 0
+    assert "SQL sql: BEGIN IMMEDIATE" in result.stderr
+    assert "SQL sql: UPDATE messenger_messages SET delivered_at" in result.stderr
+    assert re.search(r"SQL sql: DELETE FROM messenger_messages WHERE id = 1 AND claimed_by = \d+ AND attempts = 1",
+                     result.stderr)
+    assert "SQL sql:" not in project.cli("consume", "async", "--limit", "0", "-vv").stderr

@@ -98,3 +98,30 @@ def tx_note(db, n):
 @jobs.handler(queue="hard", max_retries=0)
 def prints_pid(n):
     record("note", "%s:%d" % (n, os.getpid()))
+
+
+@jobs.handler(queue="hard", timeout=0.5, max_retries=1)
+def stuck_in_c(n, marker):
+    """Blocks SIGALRM, as a C extension deep in a call may: Python cannot interrupt it (once)."""
+    import signal
+
+    record("start", n)
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(30)
+    record("note", n)
+
+
+@jobs.handler(queue="hard", max_retries=0)
+def busy_later(n, seconds):
+    from jobrunner import RecoverableError
+
+    record("attempt", n)
+    raise RecoverableError("the mail server says later", retry_after=seconds)
+
+
+@jobs.handler(queue="hard")
+def pragma(n):
+    conn = jobs.transport.connection()
+    record("synchronous", conn.execute("PRAGMA synchronous").fetchall()[0][0])
