@@ -570,7 +570,10 @@ class Transport:
         self.settings = settings
         self.table = settings.table
         self._local = threading.local()
+        self._opened = []  # (pid, connection) of every thread, for close_all()
         self._schema_checked = None  # pid that saw our tables exist
+        #: True when this transport created the database file (a worker should almost never have to)
+        self.created = False
         names = {"messages": self.table, "lock": self.lock_clause, "in_ids": self.in_ids}
         self.sql = {name: self._placeholders(text.format(**names)) for name, text in _SQL.items()}
 
@@ -602,6 +605,7 @@ class Transport:
         if conn is None:
             conn = self._open(create)
             local.conn, local.pid, local.ready = conn, os.getpid(), False
+            self._opened.append((os.getpid(), conn))
         if not local.ready and (create or self._schema_checked != os.getpid()):
             try:
                 if create:
@@ -632,6 +636,17 @@ class Transport:
                 conn.close()
 
     close = reconnect
+
+    def close_all(self):
+        """Close every connection this process opened, from any thread (when the app shuts down)."""
+        self.reconnect()
+        opened, self._opened = self._opened, []
+        for pid, conn in opened:
+            if pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    conn.close()
+            else:
+                self._forget_inherited(conn)
 
     def _ensure_schema(self, conn):
         with self.transaction(conn):
@@ -975,6 +990,10 @@ class Transport:
     def maintain(self):
         """Periodic housekeeping, run by one process per database (the supervisor, or one worker)."""
 
+    def program_lock(self, program):
+        """The lock that lets one supervisor at a time run ``program`` on this database."""
+        raise NotImplementedError
+
     # Reading
 
     def stats(self):
@@ -1134,13 +1153,15 @@ def _create_private_file(path):
             _warn_if_shared_directory(directory, "database")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
+        return True
     except FileExistsError:
-        pass
+        return False
     except OSError as exc:
         raise StorageError("cannot create database %s: %s" % (path, exc.strerror or exc)) from None
 
 
 _FAILURE_HEADERS = ("original_queue", "error_class", "error_message", "traceback", "failed_at", "reason", "first_failed_at")
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 # SQLite
@@ -1210,7 +1231,7 @@ class SqliteTransport(Transport):
         if not os.path.exists(path):
             if not create:
                 raise StorageError("no database at %s (run `jobrunner setup` or dispatch a message first)" % path)
-            _create_private_file(path)
+            self.created = _create_private_file(path) or self.created
         try:
             conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -1362,6 +1383,72 @@ class SqliteTransport(Transport):
     def identity(self):
         """What changes when the database file is deleted or replaced under us."""
         return _inode(self.path)
+
+    def program_lock(self, program):
+        """A file lock in ``<database>.locks/``, one directory for every program's lock."""
+        directory = self.path + ".locks"
+        try:
+            _makedirs_private(directory)
+        except OSError as exc:
+            raise StorageError("cannot create lock directory %s: %s" % (directory, exc.strerror or exc)) from None
+        _FileLock.clean_stale(directory)
+        return _FileLock(os.path.join(directory, program + ".lock"))
+
+
+class _FileLock:
+    """An flock held by this process; its file is removed when released, so none piles up.
+
+    Removing a lock file is safe only while holding it, and whoever then
+    locks an old, removed file must notice and try the new one: hence the
+    inode check after locking.
+    """
+
+    def __init__(self, path):
+        self.name = path
+        self._fd = None
+
+    def acquire(self):
+        """Take the lock without waiting; False when another process holds it."""
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                raise StorageError("cannot open lock %s: %s" % (self.name, exc.strerror or exc)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if _inode(self.name) == _fd_inode(fd):
+                os.ftruncate(fd, 0)
+                os.write(fd, b"%d\n" % os.getpid())
+                self._fd = fd
+                return True
+            os.close(fd)  # its last holder removed it: lock the file that is there now
+
+    def release(self):
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
+            os.close(self._fd)
+            self._fd = None
+
+    @classmethod
+    def clean_stale(cls, directory):
+        """Remove the lock files a supervisor that was killed left behind."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                if name.endswith(".lock"):
+                    lock = cls(os.path.join(directory, name))
+                    if lock.acquire():
+                        lock.release()
+
+
+def _fd_inode(fd):
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
 
 
 class _CommitWaiter:
@@ -1615,7 +1702,10 @@ class JobRunner:
     """
 
     def __init__(self, dsn=None, *, queue="async", queues=(), max_retries=3, delay=1.0, multiplier=2.0, max_delay=None,
-                 jitter=0.1, **settings):
+                 jitter=0.1, eager=False, **settings):
+        #: run handlers inside dispatch() instead of storing messages: for an app's own tests
+        self.eager = bool(eager)
+        self._hooks = {"before": [], "success": [], "retry": [], "failure": []}
         self.default_queue = _check_queue_name(queue)
         self.retry = RetryStrategy(max_retries, delay, multiplier, max_delay, jitter)
         self.handlers = {}
@@ -1638,7 +1728,18 @@ class JobRunner:
             self._dsn = dsn
         self._settings_overrides = dict(self._settings_overrides, **{k: v for k, v in settings.items() if v is not None})
         self.settings = Settings.from_dsn(self._dsn, **self._settings_overrides)
+        self.transport.close_all()
         self.transport = _open_transport(self.settings)
+
+    def close(self):
+        """Close every database connection this app opened in this process (it reopens on next use)."""
+        self.transport.close_all()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     @property
     def queues(self):
@@ -1698,7 +1799,8 @@ class JobRunner:
         for queue in queues:
             _check_queue_name(queue)
             if queue not in known and queue != FAILED_QUEUE:
-                raise InvalidMessage("unknown queue %r (known: %s)" % (queue, ", ".join(known) or "none: register a handler first"))
+                raise InvalidMessage("unknown queue %r (known: %s; a queue no handler uses is declared with "
+                                 "JobRunner(queues=[...]))" % (queue, ", ".join(known) or "none"))
         return list(queues)
 
     # Dispatch
@@ -1730,6 +1832,8 @@ class JobRunner:
         to workers) before this returns.
         """
         message = self._encode(name, payload, queue, delay, time.time())
+        if self.eager:
+            return self._run_eagerly(name, message)
         return self.transport.send([message], self._current_conn())[0]
 
     def dispatch_many(self, name_or_messages, payloads=None, *, queue=None, delay=0):
@@ -1756,7 +1860,29 @@ class JobRunner:
             messages.append(self._encode(name, payload, queue, delay, now))
         if not messages:
             return []
+        if self.eager:
+            return [self._run_eagerly(json.loads(headers)["handler"], (q, body, headers, at))
+                    for q, body, headers, at in messages]
         return self.transport.send(messages, self._current_conn())
+
+    def _run_eagerly(self, name, message):
+        """Test mode: run the handler now, as a worker would (the payload through JSON), and let it raise."""
+        handler = self.handlers[name]
+        payload = json.loads(message[1])
+        if handler.transactional:
+            with self.transaction() as db:
+                result = handler.fn(**dict(payload, db=db))
+                if inspect.iscoroutine(result):
+                    import asyncio
+
+                    asyncio.run(result)
+        elif handler.is_async:
+            import asyncio
+
+            asyncio.run(handler.fn(**payload))
+        else:
+            handler.fn(**payload)
+        return None
 
     def _current_conn(self):
         return getattr(self._tx, "conn", None)
@@ -1801,6 +1927,47 @@ class JobRunner:
     def worker(self, queues=None, **options):
         """A :class:`Worker` for these queues (default: every known queue in order)."""
         return Worker(self, queues or self.queues, **options)
+
+    def run_pending(self, queues=None, limit=None):
+        """Test mode: handle what is ready now in this process, with the real retry and failure rules.
+
+        A retry that is not due yet is not waited for.  Returns how many
+        messages were handled (successes and failed attempts alike).
+        """
+        worker = Worker(self, list(queues) if queues else self.queues, limit=limit, install_signals=False,
+                        until_empty=True, name="run_pending")
+        worker.run()
+        return worker.processed
+
+    # Lifecycle hooks: for metrics and error reporting; one that raises is logged, never loses a message
+
+    def before(self, fn):
+        """Register ``fn(message)``, called before each handler runs (``message`` is an :class:`Envelope`)."""
+        self._hooks["before"].append(fn)
+        return fn
+
+    def on_success(self, fn):
+        """Register ``fn(message)``, called after a handler returned."""
+        self._hooks["success"].append(fn)
+        return fn
+
+    def on_retry(self, fn):
+        """Register ``fn(message, error)``, called when a failed attempt will be retried."""
+        self._hooks["retry"].append(fn)
+        return fn
+
+    def on_failure(self, fn):
+        """Register ``fn(message, error)``, called when a message moves to the failure queue."""
+        self._hooks["failure"].append(fn)
+        return fn
+
+    def _call_hooks(self, kind, *args):
+        for hook in self._hooks[kind]:
+            try:
+                hook(*args)
+            except Exception as exc:
+                _log.error("%s hook %s raised %s: %s (ignored)", kind, getattr(hook, "__qualname__", hook),
+                           _error_class(exc), exc)
 
     def consume(self, *queues, **options):
         """Run a worker in this process until a limit or a signal stops it; return the reason."""
@@ -1949,15 +2116,37 @@ _TRACEBACK_LIMIT = 20000
 _STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt gets this long before the worker exits
 
 
-def _log_formatter(name):
+_LOG_FORMATS = ("text", "json")
+
+
+def _log_formatter(name, log_format="text"):
+    if log_format == "json":
+        return _JsonFormatter(name)
     return logging.Formatter("%(asctime)s.%(msecs)03d " + name.replace("%", "%%")
                              + "[%(process)d] %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
 
 
-def _configure_logging(verbosity, name="worker", stream=None):
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, process, pid, event, message_id, handler, message."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def format(self, record):
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(), "process": self.name,
+                 "pid": record.process, "event": getattr(record, "event", None),
+                 "message_id": getattr(record, "message_id", None), "handler": getattr(record, "handler", None),
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _configure_logging(verbosity, name="worker", stream=None, log_format="text"):
     """Log lines on stderr: lifecycle and errors; each message with -v; details with -vv; everything with -vvv."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_log_formatter(name))
+    handler.setFormatter(_log_formatter(name, log_format))
     root = logging.getLogger("jobrunner")
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -2069,7 +2258,7 @@ class Worker:
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
                  name=None, install_signals=True, parent_pid=None, stop_timeout=10.0, owns_process=False,
-                 on_ready=None):
+                 on_ready=None, until_empty=False):
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
         if FAILED_QUEUE in queues:
@@ -2092,6 +2281,7 @@ class Worker:
         self.install_signals = install_signals
         self.owns_process = owns_process
         self.on_ready = on_ready
+        self.until_empty = until_empty
         self.host = _host_identity()
         self.worker_id = None
         self.started_at = None
@@ -2193,7 +2383,10 @@ class Worker:
             heartbeat = _Heartbeat(self)
             heartbeat.start()
             _log.info("worker %s (pid %d) consuming %s from %s", self.name, os.getpid(), ", ".join(self.queues),
-                      self.transport.where)
+                      self.transport.where, extra={"event": "started"})
+            if self.transport.created and not self.until_empty:
+                _log.warning("created a new, empty database at %s: is it the one your app dispatches to? (check --dsn, "
+                             "JOBRUNNER_DSN and the directory this runs in)", self.transport.where)
             if not self._over_memory_limit_at_start():
                 if self.on_ready is not None:
                     self.on_ready()
@@ -2218,7 +2411,7 @@ class Worker:
                 self._event_loop = None
         level = logging.INFO if self.exit_code == 0 else logging.ERROR
         _log.log(level, "worker %s stopped: %s (%d messages, %d failed attempts)", self.name, self._stop_reason,
-                 self.processed, self.failed)
+                 self.processed, self.failed, extra={"event": "stopped"})
         return self._stop_reason
 
     def _over_memory_limit_at_start(self):
@@ -2258,6 +2451,9 @@ class Worker:
                              outcome.delivery.id)
             outcome = None
             if delivery is None:
+                if self.until_empty:
+                    self.stop("no message is ready")
+                    continue
                 self._idle(token, due, started)
                 continue
             outcome = self._process(delivery)
@@ -2308,6 +2504,8 @@ class Worker:
         if outcome is not None:
             return outcome
         self._current = (delivery, handler, headers)
+        if self.app._hooks["before"]:
+            self.app._call_hooks("before", _hook_envelope(delivery, handler.name, headers, payload))
         started = time.perf_counter()
         conn = None
         try:
@@ -2326,7 +2524,7 @@ class Worker:
                     failure, acked = exc, False
                 if failure is None:
                     if acked:
-                        self._succeeded(delivery, handler, started)
+                        self._succeeded(delivery, handler, started, headers, payload)
                     else:
                         _log.warning("message %d: claim was released while handling it; its transaction was rolled "
                                      "back", delivery.id)
@@ -2335,8 +2533,8 @@ class Worker:
                 failure = failure or StorageError("handler left a transaction open on the jobrunner connection; "
                                                   "rolled back")
             if failure is None:
-                return self._succeeded(delivery, handler, started)
-            return self._failed(delivery, handler.retry, handler.name, headers, failure)
+                return self._succeeded(delivery, handler, started, headers, payload)
+            return self._failed(delivery, handler.retry, handler.name, headers, failure, payload)
         except BaseException:
             # a second signal in mid-handler: leave nothing open behind us
             if conn is not None:
@@ -2444,30 +2642,53 @@ class Worker:
             if not task.done():
                 task.cancel()
 
-    def _succeeded(self, delivery, handler, started):
+    def _succeeded(self, delivery, handler, started, headers, payload):
         self.handled += 1
         if _log.isEnabledFor(_VERBOSE):
             _log.log(_VERBOSE, "message %d handled by %s in %.1f ms (attempt %d)", delivery.id, handler.name,
-                     (time.perf_counter() - started) * 1000, delivery.attempts)
+                     (time.perf_counter() - started) * 1000, delivery.attempts,
+                     extra={"event": "handled", "message_id": delivery.id, "handler": handler.name})
+        if self.app._hooks["success"]:
+            self.app._call_hooks("success", _hook_envelope(delivery, handler.name, headers, payload))
         return _Outcome("ack", delivery)
 
-    def _failed(self, delivery, retry, name, headers, exc):
+    def _failed(self, delivery, retry, name, headers, exc, payload=None):
         self.failed += 1
         outcome = _failure_outcome(delivery, retry, headers, exc)
+        kind = "retry" if outcome.kind == "retry" else "failure"
+        if self.app._hooks[kind]:
+            self.app._call_hooks(kind, _hook_envelope(delivery, name, headers, payload), exc)
         error = "%s: %s" % (_error_class(exc), exc)
+        extra = {"event": kind, "message_id": delivery.id, "handler": name}
         if outcome.kind == "retry":
             _log.warning("message %d (%s) failed, attempt %d: %s; retrying in %.1fs", delivery.id, name,
-                         delivery.attempts, error, outcome.available_at - time.time())
+                         delivery.attempts, error, outcome.available_at - time.time(), extra=extra)
         else:
             _log.error("message %d (%s) moved to the failure queue after %d attempt(s): %s", delivery.id, name,
-                       delivery.attempts, error)
+                       delivery.attempts, error, extra=extra)
         _log.debug("traceback of message %d:\n%s", delivery.id, _format_exception(exc).rstrip())
         return outcome
 
     def _poison(self, delivery, headers, reason, error_class="InvalidMessage", attempts=None):
         self.failed += 1
-        _log.error("message %d moved to the failure queue: %s", delivery.id, reason)
+        _log.error("message %d moved to the failure queue: %s", delivery.id, reason,
+                   extra={"event": "failure", "message_id": delivery.id})
+        if self.app._hooks["failure"]:
+            name = headers.get("handler")
+            self.app._call_hooks("failure", _hook_envelope(delivery, name if isinstance(name, str) else None, headers),
+                                 InvalidMessage(reason))
         return _fail_outcome(delivery, headers, error_class, reason, None, reason=reason, attempts=attempts)
+
+
+def _hook_envelope(delivery, name, headers, payload=None):
+    """The message as lifecycle hooks see it."""
+    if payload is None:
+        try:
+            payload = json.loads(delivery.body)
+        except (TypeError, ValueError, RecursionError):
+            payload = delivery.body
+    return Envelope(delivery.id, delivery.queue, name, payload, dict(headers), delivery.attempts, delivery.created_at,
+                    delivery.available_at)
 
 
 def _failure_outcome(delivery, retry, headers, exc):
@@ -2681,12 +2902,21 @@ class ProgramConfig:
     stopwaitsecs: float = 10.0
     log_max_bytes: int = 10 * _MIB
     log_backups: int = 3
+    #: variables added to the workers' environment, as supervisord's ``environment=``
+    environment: dict = dataclasses.field(default_factory=dict)
+    #: the workers' working directory, as supervisord's ``directory=``
+    directory: str = None
+    #: ``text`` or ``json`` (one object per line, for log shippers)
+    log_format: str = "text"
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name or ""):
             raise ConfigurationError("invalid program name %r: letters, digits, '_', '.', '-'" % (self.name,))
-        if not self.queues:
-            raise ConfigurationError("program %s has no queue to consume" % self.name)
+        self.queues = list(self.queues)  # empty: every queue of the app, learnt when the supervisor starts
+        if self.log_format not in _LOG_FORMATS:
+            raise ConfigurationError("log format must be text or json, not %r" % (self.log_format,))
+        if self.directory is not None and not os.path.isdir(self.directory):
+            raise ConfigurationError("program %s: directory %s does not exist" % (self.name, self.directory))
         for queue in self.queues:
             _check_queue_name(queue)
         if self.autorestart not in _AUTORESTART:
@@ -2711,9 +2941,6 @@ def _set_parent_death_signal(sig):
         return
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class _RotatingLog:
@@ -2785,6 +3012,25 @@ class _LogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _PrefixedOutput:
+    """A worker's output on the supervisor's stdout, each line prefixed with its name, as docker-compose does."""
+
+    def __init__(self, name):
+        self.prefix = ("%s | " % name).encode()
+        self._partial = b""
+
+    def write(self, data):
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if lines:
+            os.write(1, b"".join(self.prefix + line + b"\n" for line in lines))
+
+    def close(self):
+        if self._partial:
+            os.write(1, self.prefix + self._partial + b"\n")
+            self._partial = b""
+
+
 class _Pipe:
     """One pipe the supervisor reads: a worker's output, or its readiness note.
 
@@ -2828,6 +3074,7 @@ class _Process:
         self.last_beats = None  # the worker's beat count last seen by the supervisor
         self.log = None
         self.tail = collections.deque(maxlen=_TAIL_LINES)
+        self.retired = False  # a reloaded config no longer has it
 
     def change(self, state, description="", quiet=False):
         if state != self.state:
@@ -2902,6 +3149,14 @@ class _Process:
         return None
 
 
+def _check_programs(programs):
+    if not programs:
+        raise ConfigurationError("nothing to supervise: give queues or a config file with [program:...] sections")
+    names = [p.name for p in programs]
+    if len(set(names)) != len(names):
+        raise ConfigurationError("two programs share a name: %s" % ", ".join(sorted(names)))
+
+
 class Supervisor:
     """Keeps ``numprocs`` workers of each program running, as ``supervisord -n`` does.
 
@@ -2912,30 +3167,35 @@ class Supervisor:
     Exits 0 after a stop, 1 when every process is FATAL.
     """
 
-    def __init__(self, programs, *, app_spec, dsn=None, log_dir="var/log", settings_overrides=None):
-        if not programs:
-            raise ConfigurationError("nothing to supervise: give queues or a config file with [program:...] sections")
-        names = [p.name for p in programs]
-        if len(set(names)) != len(names):
-            raise ConfigurationError("two programs share a name: %s" % ", ".join(sorted(names)))
+    def __init__(self, programs, *, app_spec, dsn=None, log_dir="var/log", settings_overrides=None, config_path=None,
+                 log_format="text", log_max_bytes=10 * _MIB, log_backups=3):
+        _check_programs(programs)
         self.programs = programs
         self.app_spec = app_spec
         self.dsn = dsn
         self.settings_overrides = settings_overrides or {}
-        self.log_dir = os.path.abspath(log_dir)
+        #: ``-`` sends every log line to stdout, each worker's prefixed with its name (for containers)
+        self.log_stdout = log_dir == "-"
+        self.log_dir = None if self.log_stdout else os.path.abspath(log_dir)
+        self.log_format = log_format
+        self.log_max_bytes, self.log_backups = log_max_bytes, log_backups
+        #: re-read on SIGHUP: what changed is applied, an invalid file is refused and the running one kept
+        self.config_path = config_path
         self.processes = [_Process(p, i, self._state_changed) for p in programs for i in range(p.numprocs)]
         self.host = _host_identity()
+        self.settings = None
         self.transport = None
         self._stopping = False
         self._stop_signal = None
         self._restart_all = False
-        self._locks = []
+        self._locks = {}  # program name -> its lock
         self._selector = None
         self._wakeup = None
         self._pipes = {}  # fd -> _Pipe
         self._last_sync = 0.0
         self._synced = None  # the states last written for `status`
         self._reaped = set()  # pids reaped whose claims are still to release
+        self._removed = []  # names of retired processes whose rows are still to delete
         self._judge = None
         self._log = logging.getLogger("jobrunner.supervisor")
 
@@ -2943,23 +3203,29 @@ class Supervisor:
 
     def run(self):
         """Supervise until SIGTERM or SIGINT, or until every process is FATAL; return the exit code."""
-        settings = self._preflight()
-        self.transport = _open_transport(settings)
-        self._judge = _SilenceJudge(settings.heartbeat_timeout)
-        self._acquire_locks(settings.path)
-        _make_private_dir(self.log_dir)
+        self.settings, app_queues = self._preflight(self.programs)
+        for program in self.programs:
+            program.queues = program.queues or list(app_queues)
+        self.transport = _open_transport(self.settings)
+        self._judge = _SilenceJudge(self.settings.heartbeat_timeout)
+        self._acquire_locks(self.programs)
+        if not self.log_stdout:
+            _make_private_dir(self.log_dir)
         self._setup_logging()
         self._setup_signals()
         import selectors
 
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wakeup[0], selectors.EVENT_READ, None)
-        self._log.info("supervisor (pid %d) started: %s; logs in %s", os.getpid(),
+        self._log.info("supervisor (pid %d) started: %s; database %s; logs %s", os.getpid(),
                        ", ".join("%s x%d [%s]" % (p.name, p.numprocs, " ".join(p.queues)) for p in self.programs),
-                       self.log_dir)
+                       self.transport.where, "on stdout" if self.log_stdout else "in %s" % self.log_dir)
         code = 0
         try:
             self._sync_database(force=True, first=True)
+            if self.transport.created:
+                self._log.warning("created a new, empty database at %s: is it the one your app dispatches to? (check "
+                                  "--dsn, JOBRUNNER_DSN and the directory this runs in)", self.transport.where)
             code = self._loop()
         finally:
             self._sync_database(force=True, last=True)
@@ -2968,13 +3234,13 @@ class Supervisor:
             for proc in self.processes:
                 if proc.log:
                     proc.log.close()
-            for lock in self._locks:
+            for lock in self._locks.values():
                 lock.release()
             self._log.info("supervisor stopped")
         return code
 
-    def _preflight(self):
-        """Import the app in a throwaway child: fail fast on a bad app or queue, learn the database."""
+    def _preflight(self, programs):
+        """Import the app in a throwaway child: fail fast on a bad app or queue; return the settings and app queues."""
         read_fd, write_fd = os.pipe()
         _flush_std_streams()
         pid = os.fork()
@@ -2985,9 +3251,11 @@ class Supervisor:
                 app = _load_app(self.app_spec)
                 if self.dsn or self.settings_overrides:
                     app.use_dsn(self.dsn, **self.settings_overrides)
-                for program in self.programs:
+                for program in programs:
                     app.check_queues(program.queues)
-                message = json.dumps({"ok": dataclasses.asdict(app.settings)})
+                    if not program.queues and not app.queues:
+                        raise ConfigurationError("program %s: the app routes no handler to any queue" % program.name)
+                message = json.dumps({"ok": dataclasses.asdict(app.settings), "queues": app.queues})
             except BaseException as exc:
                 message = json.dumps({"error": str(exc) if isinstance(exc, JobRunnerError) else "%s: %s" % (_error_class(exc), exc)})
                 code = 2
@@ -3008,33 +3276,41 @@ class Supervisor:
             answer = {}
         if "ok" not in answer:
             raise ConfigurationError(answer.get("error") or "the app could not be loaded")
-        return Settings(**answer["ok"])
+        return Settings(**answer["ok"]), answer["queues"]
 
-    def _acquire_locks(self, db_path):
-        import filelock
-
-        for program in self.programs:
-            path = "%s.%s.supervise.lock" % (db_path, program.name)
-            lock = filelock.FileLock(path, timeout=0)
-            try:
-                lock.acquire()
-            except filelock.Timeout:
-                for held in self._locks:
+    def _acquire_locks(self, programs):
+        """One supervisor per program and database: hold the program's lock, or refuse to start it."""
+        taken = {}
+        for program in programs:
+            if program.name in self._locks:
+                continue
+            lock = self.transport.program_lock(program.name)
+            if not lock.acquire():
+                for held in taken.values():
                     held.release()
                 raise ConfigurationError("another supervisor already runs program %s on %s (lock %s)"
-                                         % (program.name, db_path, path)) from None
-            with contextlib.suppress(OSError):
-                os.chmod(path, 0o600)
-            self._locks.append(lock)
+                                         % (program.name, self.transport.where, lock.name))
+            taken[program.name] = lock
+        self._locks.update(taken)
 
     def _setup_logging(self):
-        log = _RotatingLog(os.path.join(self.log_dir, "supervisor.log"), 10 * _MIB, 3)
-        handler = _LogHandler(log)
-        handler.setFormatter(_log_formatter("supervisor"))
+        if self.log_stdout:
+            handler = logging.StreamHandler(sys.stdout)
+        else:
+            handler = _LogHandler(_RotatingLog(os.path.join(self.log_dir, "supervisor.log"), self.log_max_bytes,
+                                               self.log_backups))
+        handler.setFormatter(_log_formatter("supervisor", self.log_format))
         self._log.addHandler(handler)
         self._log.setLevel(logging.INFO)
+        self._log.propagate = False
         self._log_handler = handler
         for proc in self.processes:
+            self._open_log(proc)
+
+    def _open_log(self, proc):
+        if self.log_stdout:
+            proc.log = _PrefixedOutput(proc.name)
+        else:
             proc.log = _RotatingLog(os.path.join(self.log_dir, proc.name + ".log"), proc.program.log_max_bytes,
                                     proc.program.log_backups)
 
@@ -3075,8 +3351,9 @@ class Supervisor:
                 self._request_restart()
             if self._stopping:
                 self._begin_stop(now)
+            self._retire(now)
             for proc in self.processes:
-                action = proc.transition(now, not self._stopping)
+                action = proc.transition(now, not self._stopping and not proc.retired)
                 if action == "spawn":
                     self._spawn(proc)
                 elif action == "kill":
@@ -3088,10 +3365,10 @@ class Supervisor:
                                           proc.program.stopwaitsecs)
                         proc.kill_at = None
                     self._kill(proc)
-            self._sync_database(force=self._states() != self._synced or bool(self._reaped))  # status shows it at once
+            self._sync_database(force=self._states() != self._synced or bool(self._reaped or self._removed))
             if self._stopping and all(p.pid is None for p in self.processes):
                 return 0
-            if all(p.state == _Process.FATAL for p in self.processes):
+            if self.processes and all(p.state == _Process.FATAL for p in self.processes):
                 self._log.error("every process is FATAL: exiting so that systemd or the container runtime takes over")
                 return 1
             self._wait(self._next_timeout(now))
@@ -3197,11 +3474,14 @@ class Supervisor:
             ready = os.dup2(ready_fd, 3, inheritable=False)
             os.closerange(4, _max_fd())
             program = proc.program
-            _configure_logging(program.verbosity, proc.name)
+            _configure_logging(program.verbosity, proc.name, log_format=program.log_format)
             logging.raiseExceptions = False  # a worker outliving its supervisor must not die of a broken pipe
+            os.environ.update(program.environment)
+            if program.directory:
+                os.chdir(program.directory)
             app = _load_app(self.app_spec)
-            if self.dsn or self.settings_overrides:
-                app.use_dsn(self.dsn, **self.settings_overrides)
+            # the database the supervisor resolved (a relative DSN must not move with `directory`)
+            app.use_dsn(self.settings.path, **{k: v for k, v in dataclasses.asdict(self.settings).items() if k != "path"})
 
             def say_ready():
                 with contextlib.suppress(OSError):
@@ -3266,8 +3546,12 @@ class Supervisor:
             self._signal(proc, signal.SIGKILL)
 
     def _request_restart(self):
+        if self.config_path and not self._reload_config():
+            return
         self._log.info("received SIGHUP: restarting all workers gracefully")
         for proc in self.processes:
+            if proc.retired:
+                continue
             if proc.pid is not None and proc.state in (_Process.STARTING, _Process.RUNNING):
                 proc.restart_requested = True
                 self._signal(proc, signal.SIGTERM)
@@ -3275,6 +3559,55 @@ class Supervisor:
                 proc.backoff = 0
                 proc.restart_requested = True
                 proc.change(_Process.EXITED, "restart requested")
+
+    def _reload_config(self):
+        """Read the config file again and apply what changed; False (and nothing changed) when it is invalid."""
+        try:
+            programs, section = _read_config(self.config_path)
+            _check_programs(programs)
+            settings, app_queues = self._preflight(programs)
+            if settings.path != self.settings.path:
+                raise ConfigurationError("it names another database (%s); restart the supervisor to change that"
+                                         % settings.path)
+            for program in programs:
+                program.queues = program.queues or list(app_queues)
+            self._acquire_locks(programs)
+        except (JobRunnerError, OSError) as exc:
+            self._log.error("SIGHUP: %s: %s; keeping the running configuration", self.config_path,
+                            " ".join(str(exc).split()))
+            return False
+        wanted = {p.name: p for p in programs}
+        current = {proc.name: proc for proc in self.processes}
+        for proc in self.processes:
+            program = wanted.get(proc.program.name)
+            if program is None or int(proc.name.rsplit("_", 1)[1]) >= program.numprocs:
+                proc.retired = True  # stopped now, removed once it is gone
+            else:
+                proc.program = program
+        for program in programs:
+            for index in range(program.numprocs):
+                if "%s_%02d" % (program.name, index) not in current:
+                    proc = _Process(program, index, self._state_changed)
+                    self._open_log(proc)
+                    self.processes.append(proc)
+        for name in [name for name in self._locks if name not in wanted]:
+            self._locks.pop(name).release()
+        self.programs = programs
+        self._log.info("SIGHUP: %s reloaded: %s", self.config_path,
+                       ", ".join("%s x%d [%s]" % (p.name, p.numprocs, " ".join(p.queues)) for p in programs))
+        return True
+
+    def _retire(self, now):
+        """Stop the processes a reloaded config no longer has; forget them once they are gone."""
+        for proc in [p for p in self.processes if p.retired]:
+            if proc.pid is None:
+                self.processes.remove(proc)
+                proc.log.close()
+                self._removed.append(proc.name)
+            elif proc.state != _Process.STOPPING:
+                proc.change(_Process.STOPPING, "removed from the configuration")
+                proc.kill_at = now + proc.program.stopwaitsecs
+                self._signal(proc, signal.SIGTERM)
 
     def _begin_stop(self, now):
         for proc in self.processes:
@@ -3292,15 +3625,22 @@ class Supervisor:
         self._last_sync = now
         interval = self.transport.settings.heartbeat_interval
         reaped, self._reaped = self._reaped, set()
+        removed, self._removed = self._removed, []
         try:
             rows = [(p.name, p.program.name, p.state, p.pid, p.state_since, p.started_at, p.description, p.exit_status)
                     for p in self.processes]
             asked = time.monotonic()
             if last:
-                self.transport.sync_processes(self.host, [], remove=[p.name for p in self.processes], reaped=reaped)
+                self.transport.sync_processes(self.host, [], remove=[p.name for p in self.processes] + removed,
+                                              reaped=reaped)
                 return
+            if first:  # rows a killed supervisor of this host left behind: nobody runs those processes now
+                stale = [row[0] for row in self.transport.status_rows()[0]
+                         if row[2] == self.host and row[3] != os.getpid() and not _pid_alive(row[3])]
+                removed = removed + stale
             released, children = self.transport.sync_processes(
-                self.host, rows, clear_programs=[p.name for p in self.programs] if first else (), reaped=reaped)
+                self.host, rows, clear_programs=[p.name for p in self.programs] if first else (), remove=removed,
+                reaped=reaped)
             self._synced = self._states()
             if released:
                 self._log.warning("released %d message(s) held by dead worker(s) %s", released,
@@ -3311,6 +3651,7 @@ class Supervisor:
             self.transport.maintain()
         except JobRunnerError as exc:
             self._reaped |= reaped  # released on the next try
+            self._removed += removed
             self._judge.forgive()
             self._log.error("cannot record process states: %s", exc)
         finally:
@@ -3490,6 +3831,7 @@ _APP = (
             help="Database: sqlite:///path.db or a path. Default: $JOBRUNNER_DSN, else the app's, else ./jobrunner.db."),
 )
 _VERBOSITY = _option("-v", "--verbose", "verbosity", count=True, help="-v each message, -vv details, -vvv everything.")
+_WHICH = _option("-v", "--verbose", "verbosity", count=True, help="Say which database is used.")
 _LIMITS = (
     _option("--limit", type="count", help="Stop after handling this many messages."),
     _option("--failure-limit", type="count", help="Stop after this many failed attempts."),
@@ -3500,6 +3842,8 @@ _LIMITS = (
     _option("--heartbeat-timeout", type="positive",
             help="Seconds of silence after which a worker counts as dead and its message is released."),
     _VERBOSITY,
+    _option("--log-format", type="log_format", default="text", show_default=True,
+            help="text, or json: one object per line (time, level, process, message_id, handler, event)."),
 )
 _FAILED_FILTERS = (
     _option("--handler", "handlers", multiple=True, metavar="NAME", help="Only messages of this handler (repeatable)."),
@@ -3537,22 +3881,26 @@ def _app_from(app_spec, dsn, **settings):
     return app
 
 
-def _transport_from(app_spec, dsn):
+def _transport_from(app_spec, dsn, verbosity=0):
     """``(app or None, transport)`` for commands that only read or manage the database.
 
     A DSN is enough and then the app is not imported; without one the app
     names the database; with neither, ``./jobrunner.db`` if it exists (the
-    library's own default).
+    library's own default).  With -v, says which database and why.
     """
     if dsn:
-        return None, _open_transport(Settings.from_dsn(dsn))
-    if _find_app_spec(app_spec):
+        app, transport, source = None, _open_transport(Settings.from_dsn(dsn)), "--dsn or JOBRUNNER_DSN"
+    elif _find_app_spec(app_spec):
         app = _app_from(app_spec, None)
-        return app, app.transport
-    if os.path.exists(_DEFAULT_DATABASE):
-        return None, _open_transport(Settings.from_dsn(_DEFAULT_DATABASE))
-    raise ConfigurationError("no database: give --dsn (or JOBRUNNER_DSN), or an app with --app, JOBRUNNER_APP or "
+        transport, source = app.transport, "the app %s" % _find_app_spec(app_spec)
+    elif os.path.exists(_DEFAULT_DATABASE):
+        app, transport, source = None, _open_transport(Settings.from_dsn(_DEFAULT_DATABASE)), "the default"
+    else:
+        raise ConfigurationError("no database: give --dsn (or JOBRUNNER_DSN), or an app with --app, JOBRUNNER_APP or "
                              "[tool.jobrunner] app in ./pyproject.toml (or run it where ./%s is)" % _DEFAULT_DATABASE)
+    if verbosity:
+        _echo("jobrunner: database %s (from %s)" % (transport.where, source), err=True)
+    return app, transport
 
 
 _CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
@@ -3620,10 +3968,10 @@ def _parse_when(text, now=None):
 # Messages
 
 
-@_command("setup", _JSON, _APP)
-def _cmd_setup(as_json, app_spec, dsn):
+@_command("setup", _JSON, _WHICH, _APP)
+def _cmd_setup(as_json, verbosity, app_spec, dsn):
     """Create the database and its tables, or add our columns to an existing Symfony table."""
-    _, transport = _transport_from(app_spec, dsn)
+    _, transport = _transport_from(app_spec, dsn, verbosity)
     where = transport.setup()
     _echo_json({"database": where}) if as_json else _echo("database ready: %s" % where)
 
@@ -3646,14 +3994,14 @@ def _cmd_dispatch(name, payload, queue, delay, as_json, verbosity, app_spec, dsn
 
 
 @_command("consume", _argument("queues", nargs=-1), _LIMITS, _APP)
-def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, app_spec,
-                 dsn):
+def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format,
+                 app_spec, dsn):
     """Handle messages from QUEUES, the first non-empty one first (default: every queue of the app).
 
     Stops after the current message on SIGTERM, SIGINT, `stop-workers` or a
     limit, and exits 0.
     """
-    _configure_logging(verbosity)
+    _configure_logging(verbosity, "worker", log_format=log_format)
     app = _app_from(app_spec, dsn, heartbeat_timeout=heartbeat_timeout)
     worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
                         time_limit=time_limit, sleep=sleep, name="consume", owns_process=True)
@@ -3676,10 +4024,10 @@ def _cmd_handlers(as_json, verbosity, app_spec, dsn):
     _echo(_table(rows, ["handler", "queue", "retries", "backoff", "max delay", "timeout", "transactional", "function"]))
 
 
-@_command("stats", _JSON, _APP)
-def _cmd_stats(as_json, app_spec, dsn):
+@_command("stats", _JSON, _WHICH, _APP)
+def _cmd_stats(as_json, verbosity, app_spec, dsn):
     """Ready, delayed and in-flight messages per queue, and the failed count."""
-    app, transport = _transport_from(app_spec, dsn)
+    app, transport = _transport_from(app_spec, dsn, verbosity)
     data = app.stats() if app else transport.stats()
     if as_json:
         return _echo_json(data)
@@ -3689,10 +4037,10 @@ def _cmd_stats(as_json, app_spec, dsn):
     _echo("failed: %d" % data["failed"])
 
 
-@_command("stop-workers", _JSON, _APP)
-def _cmd_stop_workers(as_json, app_spec, dsn):
+@_command("stop-workers", _JSON, _WHICH, _APP)
+def _cmd_stop_workers(as_json, verbosity, app_spec, dsn):
     """Ask every running worker on the database to finish its current message and exit."""
-    _, transport = _transport_from(app_spec, dsn)
+    _, transport = _transport_from(app_spec, dsn, verbosity)
     count = transport.request_stop()
     if as_json:
         return _echo_json({"asked": count})
@@ -3738,7 +4086,7 @@ def _failed_filter(handlers=(), errors=(), queues=(), since=None, until=None):
 def _cmd_failed_show(message_id, max_, by_class, handlers, errors, queues, since, until, as_json, verbosity, app_spec,
                      dsn):
     """List failed messages, or show one with its error (and traceback with -v)."""
-    _, transport = _transport_from(app_spec, dsn)
+    _, transport = _transport_from(app_spec, dsn, verbosity)
     if message_id is not None:
         return _show_failed_message(transport, message_id, as_json, verbosity)
     matches = _failed_filter(handlers, errors, queues, since, until)
@@ -3846,10 +4194,10 @@ def _act_on_failed(transport, ids, all_, force, filters, verb, as_json, queue_of
 @_command("failed retry", _argument("ids", type=int, nargs=-1),
           _option("--all", "all_", is_flag=True, help="Every failed message."),
           _option("--force", "-f", is_flag=True, help="Do not ask before acting on more than one message."),
-          _FAILED_FILTERS, _JSON, _APP)
-def _cmd_failed_retry(ids, all_, force, handlers, errors, queues, since, until, as_json, app_spec, dsn):
+          _FAILED_FILTERS, _JSON, _WHICH, _APP)
+def _cmd_failed_retry(ids, all_, force, handlers, errors, queues, since, until, as_json, verbosity, app_spec, dsn):
     """Put failed messages back on their original queues, with their attempt count reset."""
-    app, transport = _transport_from(app_spec, dsn)
+    app, transport = _transport_from(app_spec, dsn, verbosity)
     _act_on_failed(transport, ids, all_, force, (handlers, errors, queues, since, until), "retry", as_json,
                    app.queue_of if app else None)
 
@@ -3857,10 +4205,10 @@ def _cmd_failed_retry(ids, all_, force, handlers, errors, queues, since, until, 
 @_command("failed remove", _argument("ids", type=int, nargs=-1),
           _option("--all", "all_", is_flag=True, help="Every failed message."),
           _option("--force", "-f", is_flag=True, help="Do not ask before acting on more than one message."),
-          _FAILED_FILTERS, _JSON, _APP)
-def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until, as_json, app_spec, dsn):
+          _FAILED_FILTERS, _JSON, _WHICH, _APP)
+def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until, as_json, verbosity, app_spec, dsn):
     """Delete failed messages for good."""
-    _, transport = _transport_from(app_spec, dsn)
+    _, transport = _transport_from(app_spec, dsn, verbosity)
     _act_on_failed(transport, ids, all_, force, (handlers, errors, queues, since, until), "remove", as_json)
 
 
@@ -3872,7 +4220,8 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
                   help="A supervisord-style INI file with [program:NAME] sections."),
           _option("--name", help="Program name (default: the queues joined by '-'); processes are NAME_00, NAME_01..."),
           _option("--numprocs", type="positive_count", default=1, show_default=True, help="Worker processes."),
-          _option("--log-dir", default="var/log", show_default=True, help="Where NAME_NN.log and supervisor.log go."),
+          _option("--log-dir", default="var/log", show_default=True,
+                  help="Where NAME_NN.log and supervisor.log go; - for stdout, each line prefixed with its process."),
           _option("--autorestart", type="autorestart", default="true", show_default=True,
                   help="After a crash (non-zero exit), true and unexpected restart the worker, false leaves it EXITED. "
                        "Workers that exit 0 (a limit reached, stop-workers) are always restarted."),
@@ -3883,15 +4232,19 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
           _option("--stopwaitsecs", type="seconds", default=10.0, show_default=True, help="Grace before SIGKILL."),
           _option("--log-max-bytes", type="size", default="10MB", show_default=True, help="Rotate a log at this size."),
           _option("--log-backups", type="count", default=3, show_default=True, help="Rotated logs to keep."),
+          _option("--supervisor-log-max-bytes", type="size", default="10MB", show_default=True,
+                  help="Rotate supervisor.log at this size."),
+          _option("--supervisor-log-backups", type="count", default=3, show_default=True,
+                  help="Rotated supervisor.log files to keep."),
           _LIMITS, _APP)
 def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
-                   log_max_bytes, log_backups, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout,
-                   verbosity, app_spec, dsn):
+                   log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, limit, failure_limit,
+                   memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format, app_spec, dsn):
     """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
 
     With no queue, the workers take every queue of the app. SIGTERM/SIGINT
     stop the workers gracefully (SIGKILL after --stopwaitsecs); SIGHUP
-    restarts them, which reloads the app's code.
+    restarts them, which reloads the app's code and the --config file.
     """
     import click
 
@@ -3902,24 +4255,29 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
         programs, section = _read_config(config_path)
         spec = app_spec or section.get("app") or spec
         dsn = dsn or section.get("dsn")
-        if "log_dir" in section and log_dir == "var/log":
-            log_dir = section["log_dir"]
+        log_dir = section.get("log_dir", log_dir) if log_dir == "var/log" else log_dir
+        log_format = section.get("log_format", log_format)
+        supervisor_log_max_bytes = section.get("logfile_maxbytes", supervisor_log_max_bytes)
+        supervisor_log_backups = section.get("logfile_backups", supervisor_log_backups)
+        config_path = os.path.abspath(config_path)
     else:
         programs = [ProgramConfig(
             name or ("-".join(queues) if queues else "worker"), list(queues), numprocs, limit, failure_limit,
             memory_limit, time_limit, sleep, verbosity, autorestart, startsecs, startretries, stopwaitsecs,
-            log_max_bytes, log_backups)]
+            log_max_bytes, log_backups, log_format=log_format)]
     if spec is None:
         raise ConfigurationError(_NO_APP)
-    _configure_logging(0, "supervisor")
+    _configure_logging(0, "supervisor", log_format=log_format)
     overrides = {"heartbeat_timeout": heartbeat_timeout} if heartbeat_timeout else {}
-    sys.exit(Supervisor(programs, app_spec=spec, dsn=dsn, log_dir=log_dir, settings_overrides=overrides).run())
+    sys.exit(Supervisor(programs, app_spec=spec, dsn=dsn, log_dir=log_dir, settings_overrides=overrides,
+                        config_path=config_path, log_format=log_format, log_max_bytes=supervisor_log_max_bytes,
+                        log_backups=supervisor_log_backups).run())
 
 
-@_command("status", _JSON, _APP)
-def _cmd_status(as_json, app_spec, dsn):
+@_command("status", _JSON, _WHICH, _APP)
+def _cmd_status(as_json, verbosity, app_spec, dsn):
     """One line per worker process, like supervisorctl status."""
-    _, transport = _transport_from(app_spec, dsn)
+    _, transport = _transport_from(app_spec, dsn, verbosity)
     data = _read_status(transport)
     if as_json:
         return _echo_json(data)
@@ -3939,10 +4297,10 @@ def _cmd_status(as_json, app_spec, dsn):
           _option("--max-failed", type="count", help="Unhealthy above this many failed messages."),
           _option("--max-age", type="seconds", help="Unhealthy when the oldest ready message waited longer (seconds)."),
           _option("--allow-no-workers", is_flag=True, help="Healthy even when no worker runs."),
-          _JSON, _APP)
-def _cmd_health(max_ready, max_failed, max_age, allow_no_workers, as_json, app_spec, dsn):
+          _JSON, _WHICH, _APP)
+def _cmd_health(max_ready, max_failed, max_age, allow_no_workers, as_json, verbosity, app_spec, dsn):
     """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
-    _, transport = _transport_from(app_spec, dsn)
+    _, transport = _transport_from(app_spec, dsn, verbosity)
     healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers)
     if as_json:
         _echo_json(dict({"healthy": healthy, "reasons": reasons}, **data))
@@ -3956,15 +4314,49 @@ def _cmd_health(max_ready, max_failed, max_age, allow_no_workers, as_json, app_s
 
 # The config file of `supervise --config`
 
-_SUPERVISE_KEYS = {"app", "dsn", "log_dir"}
+def _parse_environment(text):
+    """supervisord's ``KEY="value",KEY2='value 2',KEY3=value3`` as a dict."""
+    pairs, rest = {}, text.strip()
+    pattern = re.compile(r"""\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*("(?:[^"\\]|\\.)*"|'[^']*'|[^,]*?)\s*(?:,|$)""")
+    while rest:
+        match = pattern.match(rest)
+        if not match or not match.group(0):
+            raise ValueError(text)
+        key, value = match.group(1), match.group(2)
+        if value[:1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        elif value[:1] == "'":
+            value = value[1:-1]
+        pairs[key] = value
+        rest = rest[match.end():]
+    return pairs
+
+
+def _existing_directory(text):
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isdir(path):
+        raise ValueError(text)
+    return path
+
+
+def _log_format(text):
+    if text not in _LOG_FORMATS:
+        raise ValueError(text)
+    return text
+
+
+# Every key each section accepts; anything else is refused, so that a typo cannot run another setup silently.
+_SUPERVISE_KEYS = {"app": str, "dsn": str, "log_dir": str, "log_format": _log_format, "logfile_maxbytes": _parse_size,
+                   "logfile_backups": int}
 _PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
                  "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
-                 "log_backups": int, "stdout_logfile_backups": int}
+                 "log_backups": int, "stdout_logfile_backups": int, "environment": _parse_environment,
+                 "directory": _existing_directory}
 _PROGRAM_ALIASES = {"stdout_logfile_maxbytes": "log_max_bytes", "stdout_logfile_backups": "log_backups"}
 # supervisord settings that mean nothing here (jobrunner names processes and logs itself): accepted, with a warning
-_IGNORED_SUPERVISORD_KEYS = {"process_name", "user", "directory", "autostart", "redirect_stderr", "stdout_logfile",
+_IGNORED_SUPERVISORD_KEYS = {"process_name", "user", "autostart", "redirect_stderr", "stdout_logfile",
                              "stderr_logfile", "stderr_logfile_maxbytes", "stderr_logfile_backups", "priority",
-                             "environment", "exitcodes", "stopsignal", "stopasgroup", "killasgroup", "umask"}
+                             "exitcodes", "stopsignal", "stopasgroup", "killasgroup", "umask"}
 
 
 def _read_config(path):
@@ -3984,7 +4376,13 @@ def _read_config(path):
                 if key not in _SUPERVISE_KEYS:
                     raise ConfigurationError("%s: unknown setting %r in [%s] (known: %s)"
                                              % (path, key, name, ", ".join(sorted(_SUPERVISE_KEYS))))
-                section[key] = value
+                try:
+                    section[key] = _SUPERVISE_KEYS[key](value.strip())
+                except ValueError:
+                    raise ConfigurationError("[%s]: %s = %r is not valid" % (name, key, value)) from None
+    for name in parser.sections():
+        if name not in ("supervise", "supervisord") and not name.startswith("program:"):
+            raise ConfigurationError("%s: unknown section [%s] (known: [supervise], [program:NAME])" % (path, name))
     programs = [_read_program(name, dict(parser[name])) for name in parser.sections() if name.startswith("program:")]
     if not programs:
         raise ConfigurationError("config %s has no [program:NAME] section" % path)
@@ -4027,7 +4425,7 @@ def _read_program(name, options):
         values[_PROGRAM_ALIASES.get(key, key)] = value
     return ProgramConfig(program, list(params["queues"]), limit=params["limit"], failure_limit=params["failure_limit"],
                          memory_limit=params["memory_limit"], time_limit=params["time_limit"], sleep=params["sleep"],
-                         verbosity=params["verbosity"], **values)
+                         verbosity=params["verbosity"], log_format=params["log_format"], **values)
 
 
 # Building and running the click commands
@@ -4082,7 +4480,7 @@ def _cli_types():
     return {"size": Size(), "memory": Size(least=_KIB), "when": When(), "seconds": click.FloatRange(min=0),
             "positive": click.FloatRange(min=0, min_open=True), "count": click.IntRange(min=0),
             "positive_count": click.IntRange(min=1, max=2 ** 63 - 1), "file": click.Path(dir_okay=False),
-            "autorestart": click.Choice(_AUTORESTART)}
+            "autorestart": click.Choice(_AUTORESTART), "log_format": click.Choice(_LOG_FORMATS)}
 
 
 @functools.lru_cache(maxsize=1)

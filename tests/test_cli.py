@@ -506,3 +506,77 @@ def test_failed_retry_routes_a_message_with_no_original_queue_to_its_handler_or_
     result = project.cli("failed", "retry", moved, env=NO_DSN)
     assert (result.returncode, result.stdout, result.stderr) == (0, "requeued 1 message(s)\n", "")
     assert query(default_db, "SELECT queue_name FROM messenger_messages WHERE id = ?", moved) == [("high",)]
+
+
+# --- the first hour ---------------------------------------------------------------------------------
+
+
+def test_commands_use_the_librarys_default_database_and_say_which_with_v(project, tmp_path):
+    here = tmp_path / "plain"
+    here.mkdir()
+    env = dict(NO_APP, **NO_DSN)
+    code = "from jobrunner import JobRunner\njobs = JobRunner()\njobs.handler('note')(lambda n: None)\n" \
+           "jobs.dispatch('note', {'n': 1})\njobs.close()\n"
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], cwd=here, env=dict(project.env, **env), check=True)
+    import conftest
+
+    result = subprocess.run([sys.executable, conftest.JOBRUNNER, "stats", "--json", "-v"], cwd=here,
+                            env=dict(project.env, **env), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["queues"][0]["ready"] == 1
+    assert result.stderr == "jobrunner: database %s (from the default)\n" % (here / "jobrunner.db")
+
+
+def test_a_worker_that_had_to_create_its_database_says_so_loudly(project, tmp_path):
+    result = project.cli("consume", "async", "--time-limit", "0.5", "--dsn", tmp_path / "elsewhere" / "web.db")
+    assert result.returncode == 0
+    assert "consuming async from %s" % (tmp_path / "elsewhere" / "web.db") in result.stderr
+    assert "WARNING created a new, empty database at %s: is it the one your app dispatches to?" % (
+        tmp_path / "elsewhere" / "web.db") in result.stderr
+    project.cli("setup")
+    assert "created a new" not in project.cli("consume", "async", "--time-limit", "0.5").stderr
+
+
+def test_python_dash_m_jobrunner_runs_the_command_line(project):
+    import subprocess
+    import sys
+
+    project.cli("setup")
+    result = subprocess.run([sys.executable, "-m", "jobrunner", "stats", "--json"], cwd=project.path, env=project.env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"queues": [], "failed": 0}
+
+
+def test_ctrl_c_during_a_slow_handler_says_at_once_that_it_finishes_the_message(project, app):
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    import conftest
+
+    gate = project.path / "gate"
+    app.dispatch("gate", {"n": 1, "path": str(gate)})
+    master, slave = pty.openpty()
+    worker = subprocess.Popen([sys.executable, conftest.JOBRUNNER, "consume", "slow"], cwd=project.path,
+                              env=project.env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        wait_until(lambda: project.values("start") == ["1"], message="the handler to start")
+        worker.send_signal(signal.SIGINT)
+        seen, deadline = b"", time.monotonic() + 0.5  # at once: not after the heartbeat's second
+        while b"Ctrl-C again" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.05)[0]:
+                seen += os.read(master, 4096)
+        assert b"finishing message 1 (gate); Ctrl-C again to abort it" in seen, seen
+        gate.touch()
+        assert worker.wait(timeout=10) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        os.close(master)

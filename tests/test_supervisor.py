@@ -955,3 +955,131 @@ def test_health_fails_on_a_worker_that_stopped_beating_supervised_or_standalone(
     finally:
         os.kill(supervised_pid, signal.SIGCONT)
         os.kill(standalone.pid, signal.SIGCONT)
+
+
+# --- the first hour: defaults, config files, logs, locks ---------------------------------------------
+
+
+def test_supervise_with_no_queue_takes_every_queue_of_the_app(project, sups, app):
+    sups.start()
+    procs = wait_running(project, sups, ["worker_00"])
+    assert "worker x1 [async high low slow empty]" in log_text(project, "supervisor.log")
+    app.dispatch("note_low", {"n": "low"})
+    wait_until(lambda: project.handled("low") == [("low", procs["worker_00"]["pid"])], message="the low message")
+
+
+def test_a_program_gets_its_environment_and_directory(project, sups, app, tmp_path):
+    home = tmp_path / "elsewhere"
+    home.mkdir()
+    (project.path / "w.ini").write_text(
+        '[program:env]\ncommand = consume hard\nenvironment = GREETING="hello, world",OTHER=plain\n'
+        "directory = %s\n" % home)
+    sups.start("--config", "w.ini", env={"JOBRUNNER_APP": "envapp", "PYTHONPATH": "%s:%s" % (
+        project.path, project.env["PYTHONPATH"])})
+    wait_running(project, sups, ["env_00"])
+    project.cli("dispatch", "where", "{}", env={"JOBRUNNER_APP": "envapp", "PYTHONPATH": "%s:%s" % (
+        project.path, project.env["PYTHONPATH"])})
+    wait_until(lambda: project.values("where"), message="the handler")
+    assert project.values("where") == ["%s|hello,_world|plain" % home]
+    assert project.db.exists() and not (home / "var").exists()  # the database stayed where the supervisor found it
+
+
+ENVAPP = """
+import os
+from jobapp import jobs, record
+
+@jobs.handler(queue="hard")
+def where():
+    record("where", "%s|%s|%s" % (os.getcwd(), os.environ["GREETING"].replace(" ", "_"), os.environ["OTHER"]))
+"""
+
+
+@pytest.fixture
+def envapp(project):
+    (project.path / "envapp.py").write_text(ENVAPP)
+
+
+test_a_program_gets_its_environment_and_directory = pytest.mark.usefixtures("envapp")(
+    test_a_program_gets_its_environment_and_directory)
+
+
+def test_sighup_rereads_the_config_file_and_applies_what_changed(project, sups):
+    config = project.path / "w.ini"
+    config.write_text("[program:mail]\ncommand = consume async\nnumprocs = 4\n")
+    sup = sups.start("--config", "w.ini")
+    first = wait_running(project, sups, ["mail_%02d" % i for i in range(4)])
+    config.write_text("[program:mail]\ncommand = consume async\nnumprocs = 2\n\n[program:reports]\ncommand = consume high\n")
+    sup.send_signal(signal.SIGHUP)
+    wait_running(project, sups, ["mail_00", "mail_01", "reports_00"], timeout=15)
+    for name in ("mail_02", "mail_03"):
+        assert not alive(first[name]["pid"])
+    log = log_text(project, "supervisor.log")
+    assert "SIGHUP: %s reloaded: mail x2 [async], reports x1 [high]" % config in log
+    # an invalid file is refused: the running configuration stays, untouched
+    config.write_text("[program:mail]\ncommand = consume async\nnumprocz = 1\n")
+    pids = {n: p["pid"] for n, p in wait_running(project, sups, ["mail_00", "mail_01", "reports_00"]).items()}
+    sup.send_signal(signal.SIGHUP)
+    wait_until(lambda: "keeping the running configuration" in log_text(project, "supervisor.log"), timeout=10)
+    assert "unknown setting 'numprocz'" in log_text(project, "supervisor.log")
+    after = wait_running(project, sups, ["mail_00", "mail_01", "reports_00"])
+    assert {n: p["pid"] for n, p in after.items()} == pids  # not even restarted
+
+
+def test_log_dir_dash_sends_every_line_to_stdout_prefixed_with_its_process(project, sups, app):
+    sup = sups.start("async", "--numprocs", 2, "-v", log_dir="-")
+    wait_running(project, sups, ["async_00", "async_01"])
+    app.dispatch_many("note", [{"n": i} for i in range(4)])
+    wait_until(lambda: sups.output(sup).count("VERBOSE message") == 4, timeout=10, message="4 lines on stdout")
+    out = sups.output(sup)
+    assert re.search(r"^async_0[01] \| \S+ async_0[01]\[\d+\] VERBOSE message 1 handled by note", out, re.M)
+    assert re.search(r"^\S+ supervisor\[\d+\] INFO spawned async_00", out, re.M)
+    assert not (project.path / "-").exists() and not (project.path / "var" / "log").exists()
+
+
+def test_log_format_json_writes_one_object_per_line(project, sups, app):
+    sups.start("async", "-v", "--log-format", "json")
+    wait_running(project, sups, ["async_00"])
+    msg_id = app.dispatch("note", {"n": 1})
+    wait_until(lambda: "handled by note" in log_text(project, "async_00.log"), message="the message")
+    worker_lines = [json.loads(line) for line in log_text(project, "async_00.log").splitlines()]
+    handled = [e for e in worker_lines if e["event"] == "handled"]
+    assert handled and handled[0]["message_id"] == msg_id and handled[0]["handler"] == "note"
+    assert set(handled[0]) >= {"time", "level", "process", "pid", "event", "message_id", "handler", "message"}
+    assert handled[0]["process"] == "async_00" and handled[0]["level"] == "verbose"
+    assert all(isinstance(json.loads(line), dict) for line in log_text(project, "supervisor.log").splitlines())
+
+
+def test_program_locks_live_in_one_directory_and_are_cleaned_up(project, sups):
+    locks = project.path / "var" / "jobs.db.locks"
+    sup = sups.start("async", "--name", "a")
+    wait_running(project, sups, ["a_00"])
+    assert sorted(os.listdir(locks)) == ["a.lock"] and stat.S_IMODE(os.stat(locks).st_mode) == 0o700
+    refused = project.cli("supervise", "async", "--name", "a", "--log-dir", "log2")
+    assert refused.returncode == 2 and "another supervisor already runs program a" in refused.stderr
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=15) == 0
+    assert os.listdir(locks) == []  # a clean stop leaves nothing behind
+    killed = sups.start("async", "--name", "b")
+    wait_running(project, sups, ["b_00"])
+    killed.kill()
+    killed.wait()
+    assert os.listdir(locks) == ["b.lock"]  # SIGKILL left it
+    again = sups.start("async", "--name", "c")
+    wait_running(project, sups, ["c_00"], timeout=15)
+    assert sorted(os.listdir(locks)) == ["c.lock"]  # the next supervisor removed the stale one
+    again.send_signal(signal.SIGTERM)
+    again.wait(timeout=15)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("[supervise]\nlogdir = x\n[program:w]\ncommand = consume async\n",
+     "unknown setting 'logdir' in [supervise] (known: app, dsn, log_dir, log_format, logfile_backups, "
+     "logfile_maxbytes)"),
+    ("[supervisor]\n[program:w]\ncommand = consume async\n", "unknown section [supervisor]"),
+    ("[program:w]\ncommand = consume async\nenvironment = A=1,,\n", "[program:w]: environment = 'A=1,,' is not valid"),
+    ("[program:w]\ncommand = consume async\ndirectory = /no/such/dir\n", "directory = '/no/such/dir' is not valid"),
+])
+def test_a_typo_in_a_config_file_is_refused(project, config, message):
+    (project.path / "w.ini").write_text(config)
+    result = project.cli("supervise", "--config", "w.ini")
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr

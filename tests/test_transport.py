@@ -645,3 +645,136 @@ def test_keeping_the_wal_bounded_never_waits_for_a_reader_that_holds_it(tmp_path
     app.transport.maintain()  # no reader now: truncated
     assert os.stat(str(db) + "-wal").st_size == 0
     app.transport.close()
+
+
+# --- an app's own test suite: eager mode, run_pending, hooks, close ------------------------------
+
+
+def test_eager_mode_runs_the_handler_inside_dispatch_and_raises_its_error(tmp_path):
+    jobs = JobRunner(str(tmp_path / "jobs.db"), eager=True)
+    seen = []
+
+    @jobs.handler
+    def add(a, b=1):
+        seen.append(a + b)
+
+    @jobs.handler
+    def boom(n):
+        raise KeyError(n)
+
+    @jobs.handler
+    async def later(n):
+        seen.append(("async", n))
+
+    assert jobs.dispatch("add", {"a": 2}) is None
+    add.dispatch(a=5, b=5)
+    jobs.dispatch("later", {"n": 1})
+    assert seen == [3, 10, ("async", 1)]
+    with pytest.raises(KeyError):
+        jobs.dispatch("boom", {"n": 7})
+    with pytest.raises(InvalidMessage):  # the same checks as a real dispatch
+        jobs.dispatch("add", {"c": 1})
+    assert not (tmp_path / "jobs.db").exists()  # nothing was stored
+
+
+def test_run_pending_drains_in_process_with_the_real_retry_rules(tmp_path):
+    with JobRunner(str(tmp_path / "jobs.db"), max_retries=2, delay=0.05, jitter=0) as jobs:
+        done, attempts = [], []
+
+        @jobs.handler
+        def ok(n):
+            done.append(n)
+
+        @jobs.handler
+        def flaky(n):
+            attempts.append(n)
+            if len(attempts) < 3:
+                raise ConnectionError("try again")
+
+        jobs.dispatch_many("ok", [{"n": i} for i in range(3)])
+        jobs.dispatch("flaky", {"n": 1})
+        assert jobs.run_pending() == 4  # three successes and a failed attempt; its retry is not due yet
+        assert done == [0, 1, 2] and attempts == [1]
+        assert jobs.run_pending() == 0
+        time.sleep(0.06)
+        assert jobs.run_pending(queues=["async"], limit=5) == 1 and attempts == [1, 1]
+        time.sleep(0.11)
+        assert jobs.run_pending() == 1 and attempts == [1, 1, 1]
+        assert jobs.stats()["queues"][0]["ready"] == 0 and jobs.failed() == []
+
+
+def test_lifecycle_hooks_see_each_outcome_and_cannot_lose_a_message_by_raising(tmp_path):
+    with JobRunner(str(tmp_path / "jobs.db"), max_retries=1, delay=0, jitter=0) as jobs:
+        events = []
+
+        @jobs.handler
+        def ok(n):
+            pass
+
+        @jobs.handler
+        def bad(n):
+            raise ValueError("bad %s" % n)
+
+        jobs.before(lambda m: events.append(("before", m.handler, m.payload)))
+        jobs.on_success(lambda m: events.append(("success", m.handler, m.id)))
+        jobs.on_retry(lambda m, e: events.append(("retry", m.handler, str(e))))
+
+        @jobs.on_failure
+        def report(message, error):
+            events.append(("failure", message.handler, repr(error), message.attempts))
+            raise RuntimeError("the error tracker is down")
+
+        ok_id = jobs.dispatch("ok", {"n": 1})
+        bad_id = jobs.dispatch("bad", {"n": 2})
+        assert jobs.run_pending() == 3
+        assert events == [("before", "ok", {"n": 1}), ("success", "ok", ok_id), ("before", "bad", {"n": 2}),
+                          ("retry", "bad", "bad 2"), ("before", "bad", {"n": 2}),
+                          ("failure", "bad", "ValueError('bad 2')", 2)]
+        assert [e.id for e in jobs.failed()] == [bad_id]  # the hook raised; the message is still where it belongs
+
+
+def test_close_leaves_no_connection_open_even_those_of_other_threads(tmp_path):
+    code = """
+import threading, warnings, sys
+warnings.simplefilter("error", ResourceWarning)
+import jobrunner
+with jobrunner.JobRunner(sys.argv[1]) as jobs:
+    jobs.handler("note")(lambda n: None)
+    jobs.dispatch("note", {"n": 1})
+    t = threading.Thread(target=lambda: jobs.dispatch("note", {"n": 2}))
+    t.start(); t.join()
+    jobs.run_pending()
+import gc; gc.collect()
+print("clean")
+"""
+    result = run_python(code, tmp_path / "jobs.db", env={"PYTHONWARNINGS": "error::ResourceWarning"})
+    assert result.stdout == "clean\n" and "ResourceWarning" not in result.stderr, result.stderr
+
+
+def test_an_unknown_queue_says_how_to_declare_one(tmp_path):
+    jobs = JobRunner(str(tmp_path / "jobs.db"))
+    jobs.handler("resize")(lambda path: None)
+    with pytest.raises(InvalidMessage, match=r"unknown queue 'low' \(known: async; a queue no handler uses is "
+                                             r"declared with JobRunner\(queues=\[...\]\)\)"):
+        jobs.dispatch("resize", {"path": "a.png"}, queue="low")
+    jobs = JobRunner(str(tmp_path / "jobs.db"), queues=["low"])
+    jobs.handler("resize")(lambda path: None)
+    assert jobs.dispatch("resize", {"path": "a.png"}, queue="low") == 1
+    jobs.close()
+
+
+def test_close_closes_the_connections_of_every_thread(tmp_path):
+    jobs = JobRunner(str(tmp_path / "jobs.db"))
+    jobs.handler("note")(lambda n: None)
+    jobs.dispatch("note", {"n": 1})
+    t = threading.Thread(target=lambda: jobs.dispatch("note", {"n": 2}))
+    t.start()
+    t.join()
+    opened = [conn for _, conn in jobs.transport._opened]
+    assert len(opened) == 2
+    jobs.close()
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    assert jobs.dispatch("note", {"n": 3}) == 3  # and it reopens on next use
+    jobs.close()
