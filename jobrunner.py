@@ -2480,8 +2480,9 @@ class Worker:
     def _finish(self, outcome):
         """Settle the last outcome and leave the registry; never raises."""
         try:
-            if outcome is not None:
-                self.transport.settle(outcome)
+            if outcome is not None and not self.transport.settle(outcome):
+                _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
+                             outcome.delivery.id)
         except JobRunnerError as exc:
             _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
                        outcome.delivery.id, exc)
