@@ -20,6 +20,7 @@ __all__ = [
     "Settings",
     "Transport",
     "SqliteTransport",
+    "PostgresTransport",
     "Worker",
     "Supervisor",
     "ProgramConfig",
@@ -135,10 +136,12 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 class Settings:
     """Where the database is and how jobrunner uses it.
 
-    Every field but ``path`` can be set in the DSN's query string, e.g.
-    ``sqlite:///var/jobs.db?synchronous=FULL&busy_timeout=30``.
+    Every field but ``path`` and ``url`` can be set in the DSN's query string,
+    e.g. ``sqlite:///var/jobs.db?synchronous=FULL&busy_timeout=30`` or
+    ``postgresql://app@db/jobs?table=jobs&heartbeat_timeout=20``.
     """
 
+    #: the SQLite file (None for a PostgreSQL database)
     path: str
     #: seconds a connection waits for another one's write lock before giving up
     busy_timeout: float = 10.0
@@ -156,6 +159,17 @@ class Settings:
     redeliver_timeout: float = 3600.0
     #: the messages table, as Symfony's ``table_name``
     table: str = "messenger_messages"
+    #: a PostgreSQL database: its URL, with jobrunner's options taken out (libpq's stay)
+    url: str = None
+    #: PostgreSQL: the schema of every jobrunner table (default: the search path's first)
+    schema: str = None
+    #: PostgreSQL behind PgBouncer in transaction mode: no prepared statements
+    pgbouncer: bool = False
+
+    @property
+    def dsn(self):
+        """The database, as a DSN another process can be given."""
+        return self.url or self.path
 
     def __post_init__(self):
         sync = str(self.synchronous).upper()
@@ -171,10 +185,12 @@ class Settings:
             raise ConfigurationError("max_body_bytes and journal_size_limit must be positive")
         if not isinstance(self.table, str) or not _IDENTIFIER.match(self.table) or self.table.startswith("jobrunner_"):
             raise ConfigurationError("table must be a lowercase SQL name (letters, digits, _), not %r" % (self.table,))
+        if self.schema is not None and not (isinstance(self.schema, str) and _IDENTIFIER.match(self.schema)):
+            raise ConfigurationError("schema must be a lowercase SQL name (letters, digits, _), not %r" % (self.schema,))
 
     @classmethod
     def from_dsn(cls, dsn, **overrides):
-        """Parse ``sqlite:///relative.db``, ``sqlite:////absolute.db`` or a plain path."""
+        """Parse ``sqlite:///relative.db``, ``sqlite:////absolute.db``, a plain path, or ``postgresql://...``."""
         if isinstance(dsn, os.PathLike):
             dsn = os.fspath(dsn)
         if not isinstance(dsn, str) or not dsn.strip():
@@ -182,8 +198,11 @@ class Settings:
         options = {}
         if "://" in dsn:
             scheme, _, rest = dsn.partition("://")
+            if scheme.lower() in _SERVER_SCHEMES:
+                return cls._from_server_url(dsn, overrides)
             if scheme.lower() not in ("sqlite", "sqlite3"):
-                raise ConfigurationError("unsupported DSN scheme %r: jobrunner stores messages in SQLite (sqlite:///path.db)" % scheme)
+                raise ConfigurationError("unsupported DSN scheme %r: use sqlite:///path.db or postgresql://user@host/db"
+                                         % scheme)
             if not rest.startswith("/"):
                 raise ConfigurationError("a SQLite DSN has three slashes: sqlite:///relative.db or sqlite:////absolute.db")
             path, _, query = rest[1:].partition("?")
@@ -193,19 +212,51 @@ class Settings:
             path = dsn
         if not path or path == ":memory:" or path.startswith("file:"):
             raise ConfigurationError("the DSN must name a database file that workers in other processes can open, not %r" % path)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+        values = cls._options(options, overrides, "SQLite", _SERVER_ONLY)
+        return cls(path=os.path.abspath(os.path.expanduser(path)), **values)
+
+    @classmethod
+    def _from_server_url(cls, dsn, overrides):
+        """A PostgreSQL URL: jobrunner's options out of its query string, libpq's left in it."""
+        parts = urllib.parse.urlsplit(dsn)
+        ours, theirs = {}, []
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+            if key in names:
+                ours[key] = value
+            else:
+                theirs.append((key, value))
+        url = urllib.parse.urlunsplit(("postgresql", parts.netloc, parts.path, urllib.parse.urlencode(theirs), ""))
+        values = cls._options(ours, overrides, "PostgreSQL", _SQLITE_ONLY)
+        return cls(path=None, url=url, **values)
+
+    @classmethod
+    def _options(cls, options, overrides, backend, not_here):
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("path", "url")}
         values = {}
         for key, raw in options.items():
             field = fields.get(key)
             if field is None:
                 raise ConfigurationError("unknown DSN option %r (known: %s)" % (key, ", ".join(sorted(fields))))
-            values[key] = _convert_option(key, raw, type(field.default))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(path=os.path.abspath(os.path.expanduser(path)), **values)
+            if key in not_here:
+                raise ConfigurationError("DSN option %r does not apply to %s" % (key, backend))
+            kind = bool if key == "pgbouncer" else str if key == "schema" else type(field.default)
+            values[key] = _convert_option(key, raw, kind)
+        values.update({k: v for k, v in overrides.items() if v is not None and k not in ("path", "url")})
+        return values
+
+
+_SERVER_SCHEMES = ("postgresql", "postgres")
+_SQLITE_ONLY = ("synchronous", "journal_size_limit")
+_SERVER_ONLY = ("schema", "pgbouncer")
 
 
 def _convert_option(key, raw, kind):
     try:
+        if kind is bool:
+            if str(raw).lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return str(raw).lower() in ("1", "true", "yes", "on")
         if kind is int:
             return _parse_size(raw) if key.endswith("bytes") or key.endswith("limit") else int(raw)
         if kind is float:
@@ -504,6 +555,8 @@ _SQL = {
     "worker_beat": "UPDATE jobrunner_workers SET beat_at = ?, beats = beats + 1, handled = ?, failed = ?, rss_bytes = ?, "
                    "message_id = ? WHERE id = ?",
     "worker_delete": "DELETE FROM jobrunner_workers WHERE id = ?",
+    # a frozen worker may hold its own row (PostgreSQL): its claims go back anyway, its row on a later round
+    "worker_delete_dead": "DELETE FROM jobrunner_workers WHERE id = (SELECT id FROM jobrunner_workers WHERE id = ?{lock})",
     "workers": "SELECT id, host, pid, ppid, beats FROM jobrunner_workers",
     "workers_started_before": "SELECT COUNT(*) FROM jobrunner_workers WHERE started_at <= ?",
     "worker_children": "SELECT id, pid, beats FROM jobrunner_workers WHERE host = ? AND ppid = ?",
@@ -602,11 +655,15 @@ class Transport:
         if conn is not None and local.pid != os.getpid():
             self._forget_inherited(conn)
             conn = None
+        elif conn is not None and not self._usable(conn):
+            self.reconnect()  # lost (a server restart, a network blip): the next statement gets a new one
+            conn = None
         if conn is None:
             conn = self._open(create)
             local.conn, local.pid, local.ready = conn, os.getpid(), False
             self._opened.append((os.getpid(), conn))
-        if not local.ready and (create or self._schema_checked != os.getpid()):
+        if not local.ready and self._schema_checked != (os.getpid(), True) and (
+                create or self._schema_checked is None or self._schema_checked[0] != os.getpid()):
             try:
                 if create:
                     self._ensure_schema(conn)
@@ -619,12 +676,15 @@ class Transport:
             except BaseException:
                 self.reconnect()
                 raise
-            self._schema_checked = os.getpid()
+            self._schema_checked = (os.getpid(), create)
             local.ready = create
         return conn
 
     def _forget_inherited(self, conn):
         """A connection inherited across fork must not be used (nor, for SQLite, closed)."""
+
+    def _usable(self, conn):
+        return True
 
     def reconnect(self):
         """Drop this thread's connection: after a failure the next use starts clean."""
@@ -672,6 +732,13 @@ class Transport:
 
     def _has_schema(self, conn):
         raise NotImplementedError
+
+    def _missing_columns(self, conn):
+        for table, columns in _ADDED_COLUMNS.items():
+            present = self._columns(conn, table.format(messages=self.table))
+            if any(column not in present for column, _ in columns):
+                return True
+        return False
 
     def _columns(self, conn, table):
         raise NotImplementedError
@@ -890,10 +957,14 @@ class Transport:
         ``alive`` is False when the worker's row is gone: it was declared dead
         and its claim released, so its acknowledgement would be refused.
         """
-        with self.transaction() as conn:
+        # Two statements, each its own transaction: a process frozen between them holds no lock.
+        conn = self.connection()
+        try:
             alive = conn.execute(self.sql["worker_beat"], (time.time(), handled, failed, rss, message_id,
                                                            worker_id)).rowcount == 1
             stop = conn.execute(self.sql["control_get"], (_STOP_KEY,)).fetchall()
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
         return alive, stop[0][0] if stop else None
 
     def unregister_worker(self, worker_id, keep_row=False):
@@ -924,10 +995,9 @@ class Transport:
             beats = {row[0]: row[4] for row in conn.execute(self.sql["workers"]).fetchall()}
             dead = [wid for wid, count in seen.items() if wid in beats and (count is None or beats[wid] == count)]
             released = self._release_claims(conn, dead)
-            for wid in dead:
-                conn.execute(self.sql["worker_delete"], (wid,))
+            forgotten = [wid for wid in dead if conn.execute(self.sql["worker_delete_dead"], (wid,)).rowcount]
             released += conn.execute(self.sql["release_unowned"], (now, now - self.settings.redeliver_timeout)).rowcount
-        return dead, released
+        return forgotten, released
 
     def has_unowned_claims(self):
         """Whether some claim has no known worker and is older than ``redeliver_timeout``."""
@@ -1289,13 +1359,6 @@ class SqliteTransport(Transport):
                     raise
                 time.sleep(random.uniform(0.005, 0.02))
 
-    def _missing_columns(self, conn):
-        for table, columns in _ADDED_COLUMNS.items():
-            present = self._columns(conn, table.format(messages=self.table))
-            if any(column not in present for column, _ in columns):
-                return True
-        return False
-
     def _in_transaction(self, conn):
         return conn.in_transaction
 
@@ -1552,9 +1615,337 @@ def _inode(path):
     return (st.st_dev, st.st_ino)
 
 
+# PostgreSQL
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigurationError("a postgresql:// DSN needs psycopg 3: pip install 'jobrunner[postgres]'") from None
+    return psycopg
+
+
+def _postgres_error(exc, where):
+    """Turn a psycopg error into a one-line StorageError that names the database (never its password)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    state = getattr(exc, "sqlstate", None) or ""
+    if state in ("55P03", "40P01"):  # lock_not_available, deadlock_detected
+        return DatabaseLocked("database %s is locked: %s" % (where, text))
+    if state.startswith("08") or type(exc).__name__ in ("OperationalError", "ConnectionTimeout"):
+        return StorageError("cannot reach database %s: %s" % (where, text))
+    return StorageError("database %s: %s" % (where, text))
+
+
+class PostgresTransport(Transport):
+    """The same table and the same verbs on PostgreSQL, for workers on several hosts.
+
+    Claims skip rows other workers are claiming (``FOR UPDATE SKIP LOCKED``),
+    the previous message's outcome and the next claim go in one statement,
+    and an idle worker waits on LISTEN/NOTIFY: a dispatch notifies the
+    message's queue name when it commits.
+    """
+
+    dialect = "postgresql"
+    lock_clause = " FOR UPDATE SKIP LOCKED"
+    in_ids = "= ANY(?)"
+    begin_read_sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+    def __init__(self, settings):
+        self.psycopg = _psycopg()
+        self.driver_errors = (self.psycopg.Error,)
+        super().__init__(settings)
+        self.channel = "jobrunner_%s" % (settings.table if settings.schema is None else "%s_%s" % (settings.schema,
+                                                                                                    settings.table))
+        settle_claim = ("WITH settled AS ({settle} RETURNING 1), claimed AS ({claim}) "
+                        "SELECT (SELECT COUNT(*) FROM settled), claimed.* FROM (SELECT 1) AS one "
+                        "LEFT JOIN claimed ON true")
+        self.settle_and_claim = {kind: settle_claim.format(settle=self.sql[kind], claim=self.sql["claim"])
+                                 for kind in ("ack", "retry", "fail", "release")}
+
+    @staticmethod
+    def _placeholders(sql):
+        return sql.replace("?", "%s")
+
+    @property
+    def where(self):
+        parts = urllib.parse.urlsplit(self.settings.url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            user, _, host = netloc.rpartition("@")
+            netloc = "%s@%s" % (user.partition(":")[0], host)
+        where = urllib.parse.urlunsplit(("postgresql", netloc, parts.path, "", ""))
+        return where if self.settings.table == "messenger_messages" else "%s (table %s)" % (where, self.settings.table)
+
+    def _open(self, create):
+        settings = self.settings
+        try:
+            conn = self.psycopg.connect(settings.url, autocommit=True, connect_timeout=max(1, int(settings.busy_timeout)),
+                                        **({"prepare_threshold": None} if settings.pgbouncer else {}))
+        except self.psycopg.Error as exc:
+            raise self._error(exc) from None
+        try:
+            if _log.isEnabledFor(_SQL_TRACE):
+                conn.add_notice_handler(lambda diag: _log.log(_SQL_TRACE, "notice: %s", diag.message_primary))
+            # validated identifiers and numbers, not user text
+            conn.execute("SET lock_timeout = %d" % int(settings.busy_timeout * 1000))
+            if settings.schema:
+                if create:
+                    conn.execute("CREATE SCHEMA IF NOT EXISTS %s" % settings.schema)
+                conn.execute("SET search_path TO %s" % settings.schema)
+        except self.psycopg.Error as exc:
+            conn.close()
+            raise self._error(exc) from None
+        return conn
+
+    def _usable(self, conn):
+        return not (conn.closed or conn.broken)
+
+    def _forget_inherited(self, conn):
+        # its socket is the parent's: closing it here would end the parent's session
+        _INHERITED_CONNECTIONS.append(conn)
+
+    def _error(self, exc):
+        return _postgres_error(exc, self.where)
+
+    def _in_transaction(self, conn):
+        return conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def _has_schema(self, conn):
+        names = {row[0] for row in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()").fetchall()}
+        return {t.format(messages=self.table) for t in _OUR_TABLES} <= names
+
+    def _columns(self, conn, table):
+        return {row[0]: row[1] for row in conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = %s", (table,)).fetchall()}
+
+    def _ensure_schema(self, conn):
+        if self._has_schema(conn) and not self._missing_columns(conn):
+            return  # DDL, even IF NOT EXISTS, would wait for the table locks of running transactions
+        with self.transaction(conn):
+            # one creator at a time: CREATE ... IF NOT EXISTS races on the catalogs
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key("schema", self.table),))
+            kind = self._columns(conn, self.table).get("available_at")
+            if kind is not None and kind not in ("double precision", "numeric", "real", "bigint"):
+                raise StorageError("table %s has available_at of type %s (Symfony's timestamps): jobrunner stores Unix "
+                                   "seconds; give it another table with ?table=" % (self.table, kind))
+            self._create_schema(conn)
+
+    def _insert_one(self, conn, row):
+        return conn.execute(self.sql["insert"] + " RETURNING id, pg_notify(%s, queue_name)",
+                            row + (self.channel,)).fetchall()[0][0]
+
+    def _insert_many(self, conn, rows):
+        bodies, headers, queues, created, available = (list(column) for column in zip(*rows))
+        ids = conn.execute(
+            "INSERT INTO %s (body, headers, queue_name, created_at, available_at) SELECT * FROM "
+            "unnest(%%s::text[], %%s::text[], %%s::text[], %%s::float8[], %%s::float8[]) RETURNING id" % self.table,
+            (bodies, headers, queues, created, available)).fetchall()
+        for queue in set(queues):  # one notification per queue, delivered at commit
+            conn.execute("SELECT pg_notify(%s, %s)", (self.channel, queue))
+        return sorted(row[0] for row in ids)  # a sequence hands out ids in insertion order
+
+    def _ids_param(self, ids):
+        return [int(i) for i in ids]
+
+    def _claim(self, conn, queues, worker_id, settle):
+        """One statement settles the previous outcome and claims from the first queue: one round trip."""
+        settled = True
+        now = time.time()
+        try:
+            if settle is not None:
+                row = conn.execute(self.settle_and_claim[settle.kind],
+                                   settle.params() + (now, worker_id, queues[0], now)).fetchall()[0]
+                settled, row = row[0] == 1, (row[1:] if row[1] is not None else None)
+                rest = queues[1:]
+            else:
+                row, rest = None, queues
+            for queue in rest if row is None else ():
+                rows = conn.execute(self.sql["claim"], (now, worker_id, queue, now)).fetchall()
+                if rows:
+                    row = rows[0]
+                    break
+            due = self._next_due(conn, queues) if row is None else None
+        except self.psycopg.Error as exc:
+            raise self._error(exc) from exc
+        if row is None:
+            return None, settled, None, due
+        return _Delivery(*row, worker_id), settled, None, None
+
+    # A transactional handler's transaction is a psycopg Transaction: its
+    # connection then refuses commit() and rollback() from handler code.
+
+    def begin_handler(self):
+        conn = self.connection()
+        try:
+            transaction = conn.transaction()
+            transaction.__enter__()
+        except self.psycopg.Error as exc:
+            self.reconnect()
+            raise self._error(exc) from None
+        self._local.handler_transaction = transaction
+        return conn
+
+    def finish_handler(self, conn, delivery, ok):
+        transaction, self._local.handler_transaction = self._local.handler_transaction, None
+        try:
+            if ok:
+                if not self._in_transaction(conn):
+                    raise StorageError("the handler ended the transaction that acknowledges its message")
+                if conn.execute(self.sql["ack"], _Outcome("ack", delivery).params()).rowcount == 1:
+                    transaction.__exit__(None, None, None)  # commits
+                    return True
+            transaction.__exit__(self.psycopg.Rollback, self.psycopg.Rollback(transaction), None)
+        except BaseException:
+            self.reconnect()
+            raise
+        if not ok:
+            self.reconnect()
+        return False
+
+    def requeue_failed(self, ids, conn, queue_of=None):
+        moved, left = super().requeue_failed(ids, conn, queue_of)
+        if moved:
+            conn.execute("SELECT pg_notify(%s, %s)", (self.channel, "*"))
+        return moved, left
+
+    def waiter(self):
+        return _NotifyWaiter(self)
+
+    def program_lock(self, program):
+        return _AdvisoryLock(self, program)
+
+
+def _advisory_key(*parts):
+    """A signed 64-bit key for pg_advisory_lock, stable across processes and hosts."""
+    import hashlib
+
+    digest = hashlib.sha1("\0".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class _AdvisoryLock:
+    """One supervisor per program across hosts: a session advisory lock on a connection of its own."""
+
+    def __init__(self, transport, program):
+        self.transport = transport
+        self.name = "advisory lock %s/%s/%s" % (transport.settings.schema or "", transport.table, program)
+        self.key = _advisory_key(transport.settings.schema or "", transport.table, program)
+        self._conn = None
+
+    def acquire(self):
+        conn = self.transport._open(create=True)
+        try:
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchall()[0][0]:
+                self._conn = conn
+                return True
+        except self.transport.psycopg.Error as exc:
+            conn.close()
+            raise self.transport._error(exc) from None
+        conn.close()
+        return False
+
+    def release(self):
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()  # the session ends, and its lock with it
+            self._conn = None
+
+
+class _NotifyWaiter:
+    """Sleeps until a dispatch to one of the worker's queues is notified, the worker is woken, or a timeout.
+
+    A connection of its own LISTENs for the whole life of the worker, so a
+    notification sent while the worker was busy waits in its socket.  After
+    a lost connection it listens again and returns at once (the worker
+    claims, in case something was dispatched meanwhile).
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+        self._read_fd, self._write_fd = os.pipe()
+        for fd in (self._read_fd, self._write_fd):
+            os.set_blocking(fd, False)
+        self._conn = None
+
+    def wake(self):
+        with contextlib.suppress(OSError, TypeError):
+            os.write(self._write_fd, b"!")
+
+    def close(self):
+        for fd in (self._read_fd, self._write_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._read_fd = self._write_fd = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def sleep(self, timeout):
+        if select.select([self._read_fd], [], [], max(0.0, timeout))[0]:
+            _drain_fd(self._read_fd)
+
+    def _listen(self):
+        transport = self.transport
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            return False
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+        conn = transport._open(create=False)
+        try:
+            conn.execute("LISTEN %s" % transport.channel)  # a validated identifier
+        except transport.psycopg.Error as exc:
+            conn.close()
+            raise transport._error(exc) from None
+        self._conn = conn
+        return True
+
+    def wait(self, token, timeout, stopped, queues):
+        deadline = time.monotonic() + timeout
+        try:
+            if self._listen():
+                return  # (re)connected: what was notified meanwhile is lost, so look now
+        except JobRunnerError as exc:
+            _log.error("listening for messages: %s", exc)
+            self.sleep(min(timeout, 1.0))
+            return
+        pgconn = self._conn.pgconn
+        wanted = {queue.encode() for queue in queues} | {b"*"}
+        while not stopped():
+            if self._notified(pgconn, wanted):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready = select.select([self._read_fd, self._conn.fileno()], [], [], left)[0]
+            if self._read_fd in ready:
+                _drain_fd(self._read_fd)
+                return
+
+    def _notified(self, pgconn, wanted):
+        try:
+            pgconn.consume_input()
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            return True  # the connection is gone: listen again on the next wait, and claim now
+        found = False
+        while True:
+            notice = pgconn.notifies()
+            if notice is None:
+                return found
+            found = found or notice.extra in wanted
+
+
 def _open_transport(settings):
     """The transport for these settings' database."""
-    return SqliteTransport(settings)
+    return PostgresTransport(settings) if settings.url else SqliteTransport(settings)
 
 
 # --- The app: registry, routing, dispatch, retry strategy ---------------------------
@@ -1720,7 +2111,7 @@ class JobRunner:
         self._tx = threading.local()
 
     def __repr__(self):
-        return "<JobRunner %s, %d handlers>" % (self.settings.path, len(self.handlers))
+        return "<JobRunner %s, %d handlers>" % (self.transport.where, len(self.handlers))
 
     def use_dsn(self, dsn=None, **settings):
         """Point the app at another database or settings (the command line's ``--dsn``)."""
@@ -3482,7 +3873,8 @@ class Supervisor:
                 os.chdir(program.directory)
             app = _load_app(self.app_spec)
             # the database the supervisor resolved (a relative DSN must not move with `directory`)
-            app.use_dsn(self.settings.path, **{k: v for k, v in dataclasses.asdict(self.settings).items() if k != "path"})
+            app.use_dsn(self.settings.dsn, **{k: v for k, v in dataclasses.asdict(self.settings).items()
+                                              if k not in ("path", "url")})
 
             def say_ready():
                 with contextlib.suppress(OSError):
@@ -3567,9 +3959,8 @@ class Supervisor:
             programs, section = _read_config(self.config_path)
             _check_programs(programs)
             settings, app_queues = self._preflight(programs)
-            if settings.path != self.settings.path:
-                raise ConfigurationError("it names another database (%s); restart the supervisor to change that"
-                                         % settings.path)
+            if settings.dsn != self.settings.dsn:
+                raise ConfigurationError("it names another database; restart the supervisor to change that")
             for program in programs:
                 program.queues = program.queues or list(app_queues)
             self._acquire_locks(programs)

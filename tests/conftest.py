@@ -94,16 +94,126 @@ def wait_for_stderr(proc, text, timeout=10.0):
     return wait_until(lambda: any(text in line for line in proc.err_lines), timeout=timeout, message=repr(text))
 
 
+# --- the two backends ---------------------------------------------------------------------------
+#
+# Tests marked `backends` run on SQLite and on PostgreSQL; PostgreSQL needs JOBRUNNER_TEST_POSTGRES (a DSN to
+# a database where each test creates and drops a schema of its own).  Unset, those runs are skipped; set but
+# unreachable, they fail: CI sets it, and a skipped PostgreSQL test there would hide a broken backend.
+
+POSTGRES = os.environ.get("JOBRUNNER_TEST_POSTGRES")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backends: run on SQLite and on PostgreSQL (JOBRUNNER_TEST_POSTGRES)")
+    config.addinivalue_line("markers", "sqlite: about SQLite itself; not run on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends") \
+            and not metafunc.definition.get_closest_marker("sqlite"):
+        metafunc.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+
+
+RAN = {"postgres": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """CI sets JOBRUNNER_TEST_REQUIRE_POSTGRES: a run where no PostgreSQL test ran is a failed run."""
+    if os.environ.get("JOBRUNNER_TEST_REQUIRE_POSTGRES") and not RAN["postgres"] and session.testscollected:
+        sys.stderr.write("\nno PostgreSQL test ran, and JOBRUNNER_TEST_REQUIRE_POSTGRES is set\n")
+        session.exitstatus = 1
+
+
+@pytest.fixture
+def backend(request):
+    name = getattr(request, "param", "sqlite")
+    if name == "postgres":
+        RAN["postgres"] += 1
+        if not POSTGRES:
+            pytest.skip("PostgreSQL tests need JOBRUNNER_TEST_POSTGRES (a DSN; CI sets it)")
+        try:
+            import psycopg
+
+            psycopg.connect(POSTGRES, connect_timeout=5).close()
+        except Exception as exc:  # set but unusable: a failure, never a skip
+            pytest.fail("JOBRUNNER_TEST_POSTGRES=%s is set but unusable: %s" % (POSTGRES, exc))
+    return name
+
+
+def postgres_dsn(schema):
+    return "%s%sschema=%s" % (POSTGRES, "&" if "?" in POSTGRES else "?", schema)
+
+
+def drop_schema(schema):
+    import psycopg
+
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        # whatever a killed process still holds goes first
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                     "AND application_name = %s", (schema,))
+        conn.execute("DROP SCHEMA IF EXISTS %s CASCADE" % schema)
+
+
 class Project:
     """A user's project directory: the test app, a database, and the processes started on it."""
 
-    def __init__(self, path):
+    def __init__(self, path, backend="sqlite"):
         self.path = path
-        self.db = path / "var" / "jobs.db"
+        self.backend = backend
         self.out = path / "handled"
-        self.env = dict(os.environ, JOBRUNNER_APP="jobapp", JOBRUNNER_DSN=str(self.db), JOBAPP_OUT=str(self.out),
+        if backend == "postgres":
+            import uuid
+
+            self.schema = "t_" + uuid.uuid4().hex[:16]
+            self.db = None  # no file: tests about the file are SQLite's
+            self.dsn = postgres_dsn(self.schema) + "&application_name=" + self.schema
+        else:
+            self.schema = None
+            self.db = path / "var" / "jobs.db"
+            self.dsn = str(self.db)
+        self.env = dict(os.environ, JOBRUNNER_APP="jobapp", JOBRUNNER_DSN=self.dsn, JOBAPP_OUT=str(self.out),
                         PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]), PYTHONUNBUFFERED="1")
         self.processes = []
+
+    def query(self, sql, *params):
+        """Rows of one SQL statement (``?`` placeholders) on this project's database, through a connection of
+        the test's own."""
+        if self.backend == "sqlite":
+            return query(self.db, sql, *params)
+        import psycopg
+
+        try:
+            with psycopg.connect(POSTGRES, autocommit=True) as conn:
+                conn.execute("SET search_path TO %s" % self.schema)
+                cursor = conn.execute(sql.replace("?", "%s"), params)
+                return [tuple(row) for row in cursor.fetchall()] if cursor.description else cursor.rowcount
+        except psycopg.errors.UndefinedTable:
+            raise sqlite3.OperationalError("no such table")  # as SQLite says it, for tests that wait for a table
+
+    def dsn_with(self, **options):
+        """This project's DSN with options added to its query string."""
+        query_string = "&".join("%s=%s" % item for item in options.items())
+        if self.backend == "sqlite":
+            return "sqlite:///%s?%s" % (self.db, query_string)
+        return "%s&%s" % (self.dsn, query_string)
+
+    def has_table(self, name):
+        if self.backend == "sqlite":
+            return bool(query(self.db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", name))
+        return bool(self.query("SELECT 1 FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                               self.schema, name))
+
+    def execute(self, sql, *params):
+        """Run one writing statement; return the new row's id for an INSERT (``RETURNING id`` on PostgreSQL)."""
+        if self.backend == "sqlite":
+            conn = sqlite3.connect(str(self.db), timeout=10, isolation_level=None)
+            try:
+                return conn.execute(sql, params).lastrowid
+            finally:
+                conn.close()
+        if sql.lstrip().upper().startswith("INSERT"):
+            return self.query(sql + " RETURNING id", *params)[0][0]
+        return self.query(sql, *params)
 
     def cli(self, *args, timeout=60, input=None, env=None):
         """Run ``python jobrunner.py ARGS`` to completion."""
@@ -138,7 +248,7 @@ class Project:
         import jobapp
 
         jobapp.OUT = str(self.out)
-        jobapp.jobs.use_dsn(str(self.db))
+        jobapp.jobs.use_dsn(self.dsn)
         return jobapp.jobs
 
     def close(self):
@@ -149,11 +259,16 @@ class Project:
                 except ProcessLookupError:
                     pass
             proc.communicate(timeout=10)
+        if self.schema:
+            import jobapp
+
+            jobapp.jobs.close()
+            drop_schema(self.schema)
 
 
 @pytest.fixture
-def project(tmp_path):
-    p = Project(tmp_path)
+def project(tmp_path, backend):
+    p = Project(tmp_path, backend)
     yield p
     p.close()
 

@@ -1,4 +1,5 @@
-"""The worker: `consume` with its limits, priorities, delays, signals and `stop-workers`, as real processes."""
+"""The worker: `consume` with its limits, priorities, delays, signals and `stop-workers`, as real processes,
+on SQLite and PostgreSQL."""
 
 import os
 import re
@@ -10,17 +11,19 @@ import time
 
 import pytest
 
-from conftest import REPO, query, wait_for_stderr, wait_until, watch_stderr
+from conftest import REPO, wait_for_stderr, wait_until, watch_stderr
+
+pytestmark = pytest.mark.backends
 
 
-def messages(db):
+def messages(project):
     """(id, queue, delivered?, attempts) of every stored message."""
-    return query(db, "SELECT id, queue_name, delivered_at IS NOT NULL, attempts FROM messenger_messages ORDER BY id")
+    return project.query("SELECT id, queue_name, delivered_at IS NOT NULL, attempts FROM messenger_messages ORDER BY id")
 
 
-def worker_count(db):
+def worker_count(project):
     try:
-        return query(db, "SELECT COUNT(*) FROM jobrunner_workers")[0][0]
+        return project.query("SELECT COUNT(*) FROM jobrunner_workers")[0][0]
     except sqlite3.OperationalError:
         return 0
 
@@ -61,14 +64,14 @@ def test_consume_limit_handles_hundreds_of_messages_each_exactly_once(project, a
     assert "message limit of 300 reached" in result.stderr
     handled = [v for v, _ in project.handled("note")]
     assert sorted(handled) == sorted(str(i) for i in range(300))  # each once, the oldest first
-    assert messages(project.db) == [(i, "async", 0, 0) for i in ids[300:]]
-    assert worker_count(project.db) == 0
+    assert messages(project) == [(i, "async", 0, 0) for i in ids[300:]]
+    assert worker_count(project) == 0
 
 
 def test_two_concurrent_consumers_handle_each_message_exactly_once(project, app):
     app.setup()
     workers = [project.start("consume", "async", "--limit", "200", "--time-limit", "30") for _ in range(2)]
-    wait_until(lambda: worker_count(project.db) == 2, message="two registered workers")
+    wait_until(lambda: worker_count(project) == 2, message="two registered workers")
     app.dispatch_many("note", [{"n": i} for i in range(400)])
     for w in workers:
         code, err = finish(w, timeout=30)
@@ -80,7 +83,7 @@ def test_two_concurrent_consumers_handle_each_message_exactly_once(project, app)
     for _, pid in handled:
         per_pid[pid] = per_pid.get(pid, 0) + 1
     assert sorted(per_pid) == sorted(w.pid for w in workers) and set(per_pid.values()) == {200}
-    assert messages(project.db) == []
+    assert messages(project) == []
 
 
 # --- delays and priorities --------------------------------------------------------------
@@ -89,14 +92,14 @@ def test_two_concurrent_consumers_handle_each_message_exactly_once(project, app)
 def test_a_delayed_message_is_handled_once_due_and_not_before(project, app):
     late = app.dispatch("note", {"n": "late"}, delay=1.5)
     app.dispatch("note", {"n": "now"})
-    ((due,),) = query(project.db, "SELECT available_at FROM messenger_messages WHERE id = ?", late)
+    ((due,),) = project.query("SELECT available_at FROM messenger_messages WHERE id = ?", late)
     # --sleep 5: the worker must wake for the due message, not on its idle poll
     result = project.cli("consume", "async", "--limit", "2", "--sleep", "5", "--time-limit", "20")
     assert result.returncode == 0, result.stderr
     (now_kind, now_value, _, _), (late_kind, late_value, late_at, _) = records(project)
     assert (now_kind, now_value, late_kind, late_value) == ("note", "now", "note", "late")
     assert due <= late_at < due + 1.0
-    assert messages(project.db) == []
+    assert messages(project) == []
 
 
 def test_queues_are_consumed_in_the_order_given(project, app):
@@ -133,7 +136,7 @@ def test_failure_limit_stops_the_worker_after_that_many_failed_attempts(project,
     assert "failure limit of 2 reached" in result.stderr
     assert project.values("fail") == ["1", "2"]
     # the two failures wait for their retry; the third message was never touched
-    assert messages(project.db) == [(ids[0], "async", 0, 1), (ids[1], "async", 0, 1), (ids[2], "async", 0, 0)]
+    assert messages(project) == [(ids[0], "async", 0, 1), (ids[1], "async", 0, 1), (ids[2], "async", 0, 0)]
 
 
 def test_memory_limit_stops_the_worker_between_messages(project, app):
@@ -146,7 +149,7 @@ def test_memory_limit_stops_the_worker_between_messages(project, app):
     assert re.search(r"stopped: memory limit of 100\.0M exceeded \(RSS 1\d\d\.\dM\) \(1 messages", result.stderr), \
         result.stderr
     assert project.values("note") == ["1"]  # the first message, and not one more
-    assert messages(project.db) == [(i, "async", 0, 0) for i in ids[1:]]
+    assert messages(project) == [(i, "async", 0, 0) for i in ids[1:]]
 
 
 def test_a_memory_limit_below_the_workers_own_footprint_is_refused_at_start(project, app):
@@ -154,7 +157,7 @@ def test_a_memory_limit_below_the_workers_own_footprint_is_refused_at_start(proj
     result = project.cli("consume", "async", "--memory-limit", "1M", "--time-limit", "20")
     assert result.returncode == 1
     assert "stopped: memory limit of 1.0M is below this worker's own footprint (RSS " in result.stderr
-    assert project.values("note") == [] and len(messages(project.db)) == 3
+    assert project.values("note") == [] and len(messages(project)) == 3
 
 
 @pytest.mark.parametrize("size", ["128M", "1G"])
@@ -183,13 +186,13 @@ def test_time_limit_stops_a_busy_worker_after_its_current_message(project, app):
     assert "time limit of 1s reached" in result.stderr
     handled = project.values("note")
     assert handled == project.values("start") and 2 <= len(handled) <= 3
-    assert [row[2:] for row in messages(project.db)] == [(0, 0)] * (5 - len(handled))
+    assert [row[2:] for row in messages(project)] == [(0, 0)] * (5 - len(handled))
 
 
 def test_a_long_sleep_does_not_delay_a_new_message(project, app):
     app.setup()
     worker = project.start("consume", "async", "--sleep", "5")
-    wait_until(lambda: worker_count(project.db) == 1, message="the worker to register")
+    wait_until(lambda: worker_count(project) == 1, message="the worker to register")
     time.sleep(0.2)  # let it go idle: the wake-up must come from the commit, not from the start of the loop
     sent = time.time()
     app.dispatch("note", {"n": 1})
@@ -226,26 +229,26 @@ def test_a_signal_lets_the_current_message_finish_then_exits_0(project, app, sig
     assert code == 0, err
     assert "received %s" % sig.name in err
     assert project.values("note") == ["1"] and project.values("start") == ["1"]
-    assert messages(project.db) == [(second, "slow", 0, 0)]  # the first is gone; the second untouched
-    assert worker_count(project.db) == 0
+    assert messages(project) == [(second, "slow", 0, 0)]  # the first is gone; the second untouched
+    assert worker_count(project) == 0
 
 
 def test_sigterm_stops_an_idle_worker_at_once(project, app):
     app.setup()
     worker = project.start("consume", "async")
-    wait_until(lambda: worker_count(project.db) == 1, message="the worker to register")
+    wait_until(lambda: worker_count(project) == 1, message="the worker to register")
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     code, err = finish(worker)
     assert code == 0, err
     assert time.monotonic() - sent < 1.5
-    assert worker_count(project.db) == 0
+    assert worker_count(project) == 0
 
 
 def test_stop_workers_stops_every_idle_worker(project, app):
     app.setup()
     workers = [project.start("consume", "async") for _ in range(3)]
-    wait_until(lambda: worker_count(project.db) == 3, message="three registered workers")
+    wait_until(lambda: worker_count(project) == 3, message="three registered workers")
     result = project.cli("stop-workers")
     assert result.returncode == 0, result.stderr
     assert "asked 3 running worker(s)" in result.stdout
@@ -253,7 +256,7 @@ def test_stop_workers_stops_every_idle_worker(project, app):
         code, err = finish(w, timeout=10)
         assert code == 0, err
         assert "stop-workers was requested" in err
-    assert worker_count(project.db) == 0
+    assert worker_count(project) == 0
     # the request is for the workers running then, not for the ones started afterwards
     later = project.start("consume", "async", "--limit", "1", "--time-limit", "20")
     app.dispatch("note", {"n": 1})
@@ -275,7 +278,7 @@ def test_stop_workers_lets_a_busy_worker_finish_its_message(project, app):
     assert code == 0, err
     assert "stopped: stop-workers was requested" in err
     assert project.values("note") == ["1"] and project.values("start") == ["1"]
-    assert messages(project.db) == [(second, "slow", 0, 0)]
+    assert messages(project) == [(second, "slow", 0, 0)]
 
 
 _DISPATCH_DEEPEST = r"""
@@ -302,17 +305,18 @@ def test_every_payload_dispatch_accepts_is_handled_by_a_worker(project, app):
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     depth = int(made.stdout)
-    assert depth > 10 and len(messages(project.db)) == 1
+    assert depth > 10 and len(messages(project)) == 1
     result = project.cli("consume", "async", "--limit", "1", "--time-limit", "5")
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.returncode == 0, result.stderr[-2000:]
     assert project.values("note") == ["[" * depth + "1" + "]" * depth]
-    assert messages(project.db) == []
+    assert messages(project) == []
 
 
 # --- regressions ----------------------------------------------------------------------
 
 
+@pytest.mark.sqlite
 def test_a_second_signal_interrupts_a_transactional_handler_and_leaves_nothing_locked(project, tmp_path):
     app_file = tmp_path / "txslowapp.py"
     app_file.write_text(
@@ -332,15 +336,16 @@ def test_a_second_signal_interrupts_a_transactional_handler_and_leaves_nothing_l
     assert code == 1, err
     assert "twice" in err and "Traceback" not in err
     # the message is back, its attempt given back; its write rolled back (with the table it created)
-    assert messages(project.db) == [(1, "async", 0, 0)]
+    assert messages(project) == [(1, "async", 0, 0)]
     conn = sqlite3.connect(str(project.db), timeout=0.5)
     assert conn.execute("SELECT name FROM sqlite_master WHERE name = 't'").fetchall() == []
     conn.execute("BEGIN IMMEDIATE")  # and the database is not locked
     conn.execute("ROLLBACK")
     conn.close()
-    assert worker_count(project.db) == 0
+    assert worker_count(project) == 0
 
 
+@pytest.mark.sqlite
 def test_a_row_with_a_non_numeric_available_at_does_not_crash_the_worker(project, app):
     app.dispatch("note", {"n": 1})
     conn = sqlite3.connect(str(project.db))
@@ -376,7 +381,7 @@ def hard_dispatch(project, name, **payload):
 def failed_headers(project, message_id):
     import json
 
-    [(queue, headers)] = query(project.db, "SELECT queue_name, headers FROM messenger_messages WHERE id = ?", message_id)
+    [(queue, headers)] = project.query("SELECT queue_name, headers FROM messenger_messages WHERE id = ?", message_id)
     assert queue == "failed"
     return json.loads(headers)
 
@@ -432,9 +437,9 @@ def test_sys_exit_or_keyboard_interrupt_in_a_handler_is_a_failed_attempt_recorde
     headers = failed_headers(project, msg_id)
     assert headers["error_class"] == error_class and headers["attempts"] == 1
     assert "Traceback (most recent call last)" in headers["traceback"]
-    assert query(project.db, "SELECT queue_name, delivered_at FROM messenger_messages WHERE id = ?", other) == [
+    assert project.query("SELECT queue_name, delivered_at FROM messenger_messages WHERE id = ?", other) == [
         ("hard", None)]  # the next message is untouched, for the next worker
-    assert query(project.db, "SELECT COUNT(*) FROM jobrunner_workers") == [(0,)]
+    assert project.query("SELECT COUNT(*) FROM jobrunner_workers") == [(0,)]
 
 
 def test_a_generator_handler_is_refused_when_it_is_registered():
@@ -466,14 +471,15 @@ def test_coroutine_handlers_are_awaited_retried_and_failed(project):
     assert project.values("note") == ["1", "4"]  # the bodies really ran
     assert project.values("fail") == ["2", "2"]  # the first attempt and its one retry
     assert project.values("start") == ["3"] and project.values("cancelled") == ["3"]  # the timeout cancels the task
-    rows = dict(query(project.db, "SELECT id, headers FROM messenger_messages WHERE queue_name = 'failed'"))
+    rows = dict(project.query("SELECT id, headers FROM messenger_messages WHERE queue_name = 'failed'"))
     assert sorted(rows) == [bad, slow, tx_bad]
     assert json.loads(rows[bad])["error_class"] == "ConnectionError"
     assert json.loads(rows[slow])["error_class"] == "jobrunner.HandlerTimeout"
-    assert query(project.db, "SELECT n FROM ledger") == [("4",)]  # the failed coroutine's write rolled back
-    assert ok not in dict(query(project.db, "SELECT id, 1 FROM messenger_messages")) and tx_ok != tx_bad
+    assert project.query("SELECT n FROM ledger") == [("4",)]  # the failed coroutine's write rolled back
+    assert ok not in dict(project.query("SELECT id, 1 FROM messenger_messages")) and tx_ok != tx_bad
 
 
+@pytest.mark.sqlite
 def test_a_transactional_handler_that_cannot_get_the_write_lock_goes_back_without_spending_an_attempt(project):
     from conftest import hold_write_lock
 
@@ -492,17 +498,17 @@ def test_a_transactional_handler_that_cannot_get_the_write_lock_goes_back_withou
     assert outcome.kind == "release" and worker.failed == 0
     locker.wait(10)
     assert jobs.transport.settle(outcome)
-    assert query(project.db, "SELECT queue_name, delivered_at, attempts FROM messenger_messages") == [("hard", None, 0)]
+    assert project.query("SELECT queue_name, delivered_at, attempts FROM messenger_messages") == [("hard", None, 0)]
     # the message is then handled normally, its single attempt intact
     assert jobs.consume("hard", limit=1, install_signals=False) == "message limit of 1 reached"
-    assert project.values("note") == ["1"] and query(project.db, "SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+    assert project.values("note") == ["1"] and project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)]
     jobs.transport.close()
 
 
 def test_a_wall_clock_step_does_not_make_a_live_worker_look_dead(project, app):
     # Worker A runs a 6 s handler.  Its wall-clock beat times are made to look ancient (what a reaper sees
     # when its clock steps forward): A's beat counter still moves, so the reaper B must not release its claim.
-    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    dsn = project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=1.5)
     env = {"JOBRUNNER_DSN": dsn}
     app.dispatch("slow", {"n": 1, "seconds": 6})
     a = project.start("consume", "slow", "--limit", "1", env=env)
@@ -510,20 +516,18 @@ def test_a_wall_clock_step_does_not_make_a_live_worker_look_dead(project, app):
     b = project.start("consume", "slow", "--time-limit", "8", env=env)
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline and a.poll() is None:
-        conn = sqlite3.connect(str(project.db), timeout=10)
-        with conn:
-            conn.execute("UPDATE jobrunner_workers SET beat_at = 0")
-        conn.close()
+        project.execute("UPDATE jobrunner_workers SET beat_at = 0")
         time.sleep(0.1)
     assert finish(a)[0] == 0
     finish(b)
     assert project.values("start") == ["1"] and project.values("note") == ["1"]  # one run: never released
 
 
+@pytest.mark.sqlite
 def test_an_idle_worker_is_not_woken_into_a_claim_by_other_workers_heartbeats(project, app):
     app.setup()
     siblings = [project.start("consume", "low", "--time-limit", "8") for _ in range(5)]  # each beats once a second
-    wait_until(lambda: worker_count(project.db) == 5, message="the siblings")
+    wait_until(lambda: worker_count(project) == 5, message="the siblings")
     result = project.cli("consume", "async", "--sleep", "10", "--time-limit", "5", "-vvv")
     assert result.returncode == 0, result.stderr
     claims = result.stderr.count("sql: UPDATE messenger_messages SET delivered_at")
@@ -540,14 +544,15 @@ def test_an_idle_worker_is_not_woken_into_a_claim_by_other_workers_heartbeats(pr
 def test_an_acknowledgement_after_the_claim_was_lost_is_refused(project, app):
     # A is frozen mid-handler past the heartbeat timeout; B takes the message over and finishes it; A wakes
     # up and finishes too: its acknowledgement is refused, and the message was handled exactly twice.
-    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    dsn = project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=1.5)
     env = {"JOBRUNNER_DSN": dsn}
     msg_id = app.dispatch("slow", {"n": 1, "seconds": 1.0})
     a = watch_stderr(project.start("consume", "slow", env=env))
     wait_until(lambda: project.values("start") == ["1"], message="A to start")
     a.send_signal(signal.SIGSTOP)
     b = project.start("consume", "slow", "--limit", "1", env=env)
-    assert finish(b, timeout=30)[0] == 0  # B released A's claim, then handled the message
+    code_b, err_b = finish(b, timeout=30)
+    assert code_b == 0, err_b  # B released A's claim, then handled the message
     assert len(project.values("note")) == 1
     a.send_signal(signal.SIGCONT)
     code, err = finish(a, timeout=30)
@@ -555,7 +560,7 @@ def test_an_acknowledgement_after_the_claim_was_lost_is_refused(project, app):
     assert "message %d: claim was released while handling it (worker thought dead); outcome refused" % msg_id in err
     assert "this worker was declared dead after missing its heartbeats" in err
     assert project.values("start") == ["1", "1"] and project.values("note") == ["1", "1"]
-    assert messages(project.db) == []  # acknowledged once, by B; nothing failed
+    assert messages(project) == []  # acknowledged once, by B; nothing failed
 
 
 def test_a_transactional_handler_that_lost_its_claim_rolls_back_its_writes(project):
@@ -563,7 +568,7 @@ def test_a_transactional_handler_that_lost_its_claim_rolls_back_its_writes(proje
     import jobapp
 
     jobs = hardapp.jobs
-    jobs.use_dsn(str(project.db))
+    jobs.use_dsn(project.dsn)
     jobapp.OUT = str(project.out)
     msg_id = jobs.dispatch("tx_note", {"n": 1})
     worker = jobs.worker(["hard"], install_signals=False)
@@ -573,15 +578,15 @@ def test_a_transactional_handler_that_lost_its_claim_rolls_back_its_writes(proje
     assert (dead, released) == ([worker_id], 1)
     assert worker._process(delivery) is None  # the handler ran, then its acknowledgement was refused
     assert project.values("note") == ["1"]
-    assert query(project.db, "SELECT name FROM sqlite_master WHERE name = 'ledger'") == []  # its write rolled back
-    assert messages(project.db) == [(msg_id, "hard", 0, 1)]  # still there, for whoever holds it now
+    assert not project.has_table("ledger")  # its write rolled back
+    assert messages(project) == [(msg_id, "hard", 0, 1)]  # still there, for whoever holds it now
     jobs.transport.close()
 
 
 def test_a_handler_stuck_where_python_cannot_interrupt_it_is_abandoned_and_retried(project):
     marker = project.path / "stuck-once"
     msg_id = hard_dispatch(project, "stuck_in_c", n=1, marker=str(marker))
-    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    dsn = project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=1.5)
     started = time.monotonic()
     result = project.cli("consume", "hard", "--time-limit", "30", env=dict(HARD, JOBRUNNER_DSN=dsn))
     assert result.returncode == 70, result.stderr
@@ -591,7 +596,7 @@ def test_a_handler_stuck_where_python_cannot_interrupt_it_is_abandoned_and_retri
     result = project.cli("consume", "hard", "--limit", "1", "--time-limit", "20", env=dict(HARD, JOBRUNNER_DSN=dsn))
     assert result.returncode == 0, result.stderr
     assert project.values("start") == ["1", "1"] and project.values("note") == ["1"]
-    assert messages(project.db) == []
+    assert messages(project) == []
     del msg_id
 
 
@@ -600,7 +605,7 @@ def test_recoverable_error_retry_after_sets_when_the_retry_happens(project):
     before = time.time()
     result = project.cli("consume", "hard", "--limit", "1", "--time-limit", "10", env=HARD)
     assert result.returncode == 0, result.stderr
-    [(queue, available, attempts)] = query(project.db, "SELECT queue_name, available_at, attempts FROM "
+    [(queue, available, attempts)] = project.query("SELECT queue_name, available_at, attempts FROM "
                                                        "messenger_messages WHERE id = ?", msg_id)
     assert queue == "hard" and attempts == 1
     assert before + 30 <= available <= time.time() + 30  # retry_after, not the strategy's delay
@@ -617,6 +622,7 @@ def test_consume_with_no_queue_takes_every_queue_of_the_app_in_registration_orde
                                                                         ("low", "low")]
 
 
+@pytest.mark.sqlite
 @pytest.mark.parametrize("dsn_options,expected", [("", 1), ("?synchronous=FULL", 2)])
 def test_the_synchronous_option_is_applied_on_the_workers_connection(project, dsn_options, expected):
     hard_dispatch(project, "pragma", n=1)
@@ -636,13 +642,14 @@ def test_memory_limits_and_status_work_without_psutil(project, app, tmp_path):
     assert code == 0, err
     assert re.search(r"stopped: memory limit of 100\.0M exceeded \(RSS 1\d\d\.\dM\)", err), err
     idle = project.start("consume", "low", env=env)
-    wait_until(lambda: worker_count(project.db) == 1, message="a worker")
+    wait_until(lambda: worker_count(project) == 1, message="a worker")
     time.sleep(1.2)  # one heartbeat records its memory
     result = project.cli("status", env=env)
     assert result.returncode == 0 and re.search(r"rss \d+\.\dM", result.stdout), result.stdout
     idle.terminate()
 
 
+@pytest.mark.sqlite
 def test_vvv_logs_every_sql_statement(project, app):
     app.dispatch("note", {"n": 1})
     result = project.cli("consume", "async", "--limit", "1", "-vvv")

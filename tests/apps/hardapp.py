@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from jobapp import jobs, record  # the same JobRunner as jobapp: its handlers are here too
+from jobapp import jobs, record, sql  # the same JobRunner as jobapp: its handlers are here too
 
 
 @jobs.handler(queue="hard", timeout=0.3, max_retries=0)
@@ -81,7 +81,7 @@ async def slow_fetch(n):
 @jobs.handler(queue="aio", transactional=True, max_retries=0)
 async def async_tx(db, n, fail=False):
     db.execute("CREATE TABLE IF NOT EXISTS ledger (n TEXT PRIMARY KEY)")
-    db.execute("INSERT INTO ledger (n) VALUES (?)", (str(n),))
+    db.execute(sql(db, "INSERT INTO ledger (n) VALUES (?)"), (str(n),))
     await asyncio.sleep(0)
     if fail:
         raise RuntimeError("async_tx %s failed after writing" % n)
@@ -91,7 +91,7 @@ async def async_tx(db, n, fail=False):
 @jobs.handler(queue="hard", transactional=True, max_retries=0)
 def tx_note(db, n):
     db.execute("CREATE TABLE IF NOT EXISTS ledger (n TEXT PRIMARY KEY)")
-    db.execute("INSERT INTO ledger (n) VALUES (?)", (str(n),))
+    db.execute(sql(db, "INSERT INTO ledger (n) VALUES (?)"), (str(n),))
     record("note", n)
 
 

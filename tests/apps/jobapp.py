@@ -2,6 +2,7 @@
 file per process under $JOBAPP_OUT, so a test can count exactly who handled what."""
 
 import os
+import sqlite3
 import sys
 import time
 
@@ -10,6 +11,11 @@ from jobrunner import JobRunner, RecoverableError, UnrecoverableError
 OUT = os.environ.get("JOBAPP_OUT", "handled")
 
 jobs = JobRunner(delay=float(os.environ.get("JOBAPP_RETRY_DELAY", "0.05")), queues=["empty"])
+
+
+def sql(db, text):
+    """``text`` with the placeholders of ``db``'s driver: ``?`` for sqlite3, ``%s`` for psycopg."""
+    return text if isinstance(db, sqlite3.Connection) else text.replace("?", "%s")
 
 
 def record(kind, value):
@@ -92,7 +98,7 @@ def too_slow(n):
 @jobs.handler(transactional=True)
 def transfer(db, n, fail=False, children=0):
     db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
-    db.execute("INSERT INTO ledger (n) VALUES (?)", (n,))
+    db.execute(sql(db, "INSERT INTO ledger (n) VALUES (?)"), (n,))
     for i in range(children):
         jobs.dispatch("note", {"n": "%s.%d" % (n, i)})
     if fail:
