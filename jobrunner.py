@@ -168,8 +168,15 @@ class Settings:
 
     @property
     def dsn(self):
-        """The database, as a DSN another process can be given."""
-        return self.url or self.path
+        """The database, as a DSN another process can be given (the options that say where the tables are kept)."""
+        if not self.url:
+            return self.path
+        extra = [(key, getattr(self, key)) for key in ("table", "schema") if getattr(self, key) not in (None, "messenger_messages")]
+        if self.pgbouncer:
+            extra.append(("pgbouncer", "1"))
+        if not extra:
+            return self.url
+        return self.url + ("&" if "?" in self.url else "?") + urllib.parse.urlencode(extra)
 
     def __post_init__(self):
         sync = str(self.synchronous).upper()
@@ -1675,6 +1682,8 @@ class PostgresTransport(Transport):
             user, _, host = netloc.rpartition("@")
             netloc = "%s@%s" % (user.partition(":")[0], host)
         where = urllib.parse.urlunsplit(("postgresql", netloc, parts.path, "", ""))
+        if self.settings.schema:
+            where += " (schema %s)" % self.settings.schema
         return where if self.settings.table == "messenger_messages" else "%s (table %s)" % (where, self.settings.table)
 
     def _open(self, create):
@@ -1689,9 +1698,8 @@ class PostgresTransport(Transport):
                 conn.add_notice_handler(lambda diag: _log.log(_SQL_TRACE, "notice: %s", diag.message_primary))
             # validated identifiers and numbers, not user text
             conn.execute("SET lock_timeout = %d" % int(settings.busy_timeout * 1000))
+            conn.execute("SET client_min_messages = warning")  # no "already exists, skipping" notices on stderr
             if settings.schema:
-                if create:
-                    conn.execute("CREATE SCHEMA IF NOT EXISTS %s" % settings.schema)
                 conn.execute("SET search_path TO %s" % settings.schema)
         except self.psycopg.Error as exc:
             conn.close()
@@ -1727,6 +1735,8 @@ class PostgresTransport(Transport):
         with self.transaction(conn):
             # one creator at a time: CREATE ... IF NOT EXISTS races on the catalogs
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_advisory_key("schema", self.table),))
+            if self.settings.schema:
+                conn.execute("CREATE SCHEMA IF NOT EXISTS %s" % self.settings.schema)
             kind = self._columns(conn, self.table).get("available_at")
             if kind is not None and kind not in ("double precision", "numeric", "real", "bigint"):
                 raise StorageError("table %s has available_at of type %s (Symfony's timestamps): jobrunner stores Unix "
@@ -3661,13 +3671,16 @@ class Supervisor:
                 break
             chunks.append(chunk)
         os.close(read_fd)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
         try:
             answer = json.loads(b"".join(chunks) or b"{}")
         except ValueError:
             answer = {}
         if "ok" not in answer:
-            raise ConfigurationError(answer.get("error") or "the app could not be loaded")
+            code = os.waitstatus_to_exitcode(status)
+            how = "exit status %d" % code if code >= 0 else "killed by %s" % signal.Signals(-code).name
+            raise ConfigurationError(answer.get("error") or "the app could not be loaded (the process checking it: %s)"
+                                     % how)
         return Settings(**answer["ok"]), answer["queues"]
 
     def _acquire_locks(self, programs):

@@ -106,11 +106,15 @@ POSTGRES = os.environ.get("JOBRUNNER_TEST_POSTGRES")
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends: run on SQLite and on PostgreSQL (JOBRUNNER_TEST_POSTGRES)")
     config.addinivalue_line("markers", "sqlite: about SQLite itself; not run on PostgreSQL")
+    config.addinivalue_line("markers", "postgres: about PostgreSQL itself; run on PostgreSQL only")
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends") \
-            and not metafunc.definition.get_closest_marker("sqlite"):
+    if "backend" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("postgres"):
+        metafunc.parametrize("backend", ["postgres"], indirect=True)
+    elif metafunc.definition.get_closest_marker("backends") and not metafunc.definition.get_closest_marker("sqlite"):
         metafunc.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
 
@@ -175,6 +179,13 @@ class Project:
                         PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]), PYTHONUNBUFFERED="1")
         self.processes = []
 
+    @property
+    def where(self):
+        """The database as jobrunner names it in messages."""
+        import jobrunner
+
+        return jobrunner._open_transport(jobrunner.Settings.from_dsn(self.dsn)).where
+
     def query(self, sql, *params):
         """Rows of one SQL statement (``?`` placeholders) on this project's database, through a connection of
         the test's own."""
@@ -189,6 +200,23 @@ class Project:
                 return [tuple(row) for row in cursor.fetchall()] if cursor.description else cursor.rowcount
         except psycopg.errors.UndefinedTable:
             raise sqlite3.OperationalError("no such table")  # as SQLite says it, for tests that wait for a table
+
+    def query_dicts(self, sql, *params):
+        """Rows as dicts of column name to value."""
+        if self.backend == "sqlite":
+            conn = sqlite3.connect(str(self.db), timeout=10)
+            conn.row_factory = sqlite3.Row
+            conn.text_factory = lambda b: b.decode("utf-8", "replace")  # garbage rows must not break the test's reads
+            try:
+                return [dict(row) for row in conn.execute(sql, params).fetchall()]
+            finally:
+                conn.close()
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(POSTGRES, autocommit=True, row_factory=dict_row) as conn:
+            conn.execute("SET search_path TO %s" % self.schema)
+            return conn.execute(sql.replace("?", "%s"), params).fetchall()
 
     def dsn_with(self, **options):
         """This project's DSN with options added to its query string."""

@@ -580,3 +580,30 @@ def test_ctrl_c_during_a_slow_handler_says_at_once_that_it_finishes_the_message(
         if worker.poll() is None:
             worker.kill()
         os.close(master)
+
+
+# --- PostgreSQL DSNs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dsn,message", [
+    ("postgresql://postgres@127.0.0.1:5432/test?table=x;drop", "table must be a lowercase SQL name"),
+    ("postgresql://postgres@127.0.0.1:5432/test?schema=Robert'); DROP", "schema must be a lowercase SQL name"),
+    ("postgresql://postgres@127.0.0.1:5432/test?synchronous=FULL", "DSN option 'synchronous' does not apply to PostgreSQL"),
+    ("sqlite:///x.db?schema=s", "DSN option 'schema' does not apply to SQLite"),
+    ("postgresql://postgres@127.0.0.1:5432/test?pgbouncer=maybe", "DSN option pgbouncer='maybe' is not a valid bool"),
+    ("postgresql://postgres:secret@127.0.0.1:1/test", "cannot reach database postgresql://postgres@127.0.0.1:1/test"),
+])
+def test_a_bad_postgresql_dsn_is_one_line_exit_2_and_never_shows_the_password(project, dsn, message):
+    line = assert_one_line_error(project.cli("stats", "--dsn", dsn, timeout=30))
+    assert message in line and "secret" not in line
+
+
+def test_a_postgresql_dsn_without_psycopg_names_the_extra_to_install(project, tmp_path):
+    blocker = tmp_path / "nopsycopg"
+    blocker.mkdir()
+    (blocker / "psycopg.py").write_text("raise ImportError('no psycopg here')\n")
+    env = {"PYTHONPATH": "%s:%s" % (blocker, project.env["PYTHONPATH"])}
+    line = assert_one_line_error(project.cli("stats", "--dsn", "postgresql://u@h/db", env=env))
+    assert line == "jobrunner: error: a postgresql:// DSN needs psycopg 3: pip install 'jobrunner[postgres]'"
+    # and the SQLite path never needed it
+    assert project.cli("setup", env=env).returncode == 0

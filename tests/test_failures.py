@@ -1,5 +1,5 @@
-"""Issue 3: retries, the failure queue, poison messages, transactional handlers and the
-``failed show|retry|remove`` commands.  Real SQLite files, real worker processes."""
+"""Retries, the failure queue, poison messages, transactional handlers and the ``failed show|retry|remove``
+commands.  Real databases (SQLite, and PostgreSQL when JOBRUNNER_TEST_POSTGRES is set), real worker processes."""
 
 import json
 import sqlite3
@@ -9,6 +9,8 @@ import pytest
 
 import jobrunner
 from jobrunner import RetryStrategy
+
+pytestmark = pytest.mark.backends
 
 # --- helpers ------------------------------------------------------------------------
 
@@ -26,43 +28,24 @@ def records(project, kind):
     return sorted(found, key=lambda r: r[1])
 
 
-def db(project):
-    conn = sqlite3.connect(project.db, timeout=10, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.text_factory = lambda b: b.decode("utf-8", "replace")  # garbage rows must not break the test's own reads
-    return conn
-
-
 def rows(project):
     """Every row of messenger_messages by id, as dicts."""
-    conn = db(project)
-    try:
-        return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM messenger_messages")}
-    finally:
-        conn.close()
+    return {r["id"]: r for r in project.query_dicts("SELECT * FROM messenger_messages")}
 
 
 def raw(project, message_id):
-    """The stored bytes and SQLite type of a row's body: to check a body is left untouched."""
-    conn = db(project)
-    try:
-        return tuple(conn.execute("SELECT typeof(body), hex(body) FROM messenger_messages WHERE id = ?", (message_id,)).fetchone())
-    finally:
-        conn.close()
+    """The stored bytes (and SQLite's type) of a row's body: to check a body is left untouched."""
+    if project.backend == "sqlite":
+        return project.query("SELECT typeof(body), hex(body) FROM messenger_messages WHERE id = ?", message_id)[0]
+    return project.query("SELECT body FROM messenger_messages WHERE id = ?", message_id)[0]
 
 
 def insert(project, body, headers, queue="async", body_sql="?", headers_sql="?"):
     """A row written straight into the table, as another tool (or a bug) might; returns its id."""
-    conn = db(project)
-    try:
-        now = time.time()
-        return conn.execute(
-            "INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) VALUES (%s, %s, ?, ?, ?)"
-            % (body_sql, headers_sql),
-            (body, headers, queue, now, now),
-        ).lastrowid
-    finally:
-        conn.close()
+    now = time.time()
+    return project.execute(
+        "INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) VALUES (%s, %s, ?, ?, ?)"
+        % (body_sql, headers_sql), body, headers, queue, now, now)
 
 
 def cli_ok(project, *args, env=None, input=None):
@@ -99,25 +82,17 @@ def failapp(project):
     import failapp as module
 
     module.OUT = str(project.out)
-    module.jobs.use_dsn(str(project.db))
+    module.jobs.use_dsn(project.dsn)
     module.jobs.setup()
     return module.jobs
 
 
 def make_ledger(project):
-    conn = db(project)
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS ledger (n TEXT PRIMARY KEY)")
-    finally:
-        conn.close()
+    project.execute("CREATE TABLE IF NOT EXISTS ledger (n TEXT PRIMARY KEY)")
 
 
 def ledger(project):
-    conn = db(project)
-    try:
-        return sorted(r[0] for r in conn.execute("SELECT n FROM ledger"))
-    finally:
-        conn.close()
+    return sorted(r[0] for r in project.query("SELECT n FROM ledger"))
 
 
 def bodies(project):
@@ -349,6 +324,7 @@ DECODING_GARBAGE = {
 }
 
 
+@pytest.mark.sqlite  # SQLite's own transaction rules, or a handler written for sqlite3
 @pytest.mark.parametrize("case", sorted(DECODING_GARBAGE))
 def test_garbage_that_breaks_decoding_does_not_stop_the_worker(project, app, case):
     body, headers, body_sql, headers_sql = DECODING_GARBAGE[case]
@@ -389,11 +365,7 @@ def test_transactional_handler_writes_and_children_appear_only_when_it_succeeds(
     # 4 attempts of the failing one, the good one, its two children
     assert app.consume("async", limit=7, time_limit=20) == "message limit of 7 reached"
 
-    conn = db(project)
-    try:
-        assert [r[0] for r in conn.execute("SELECT n FROM ledger ORDER BY n")] == [2]
-    finally:
-        conn.close()
+    assert project.query("SELECT n FROM ledger ORDER BY n") == [(2,)]
     assert project.values() == ["2", "2.0", "2.1"]
     remaining = rows(project)
     assert list(remaining) == [failing]  # no child of the failed one was ever committed
@@ -403,6 +375,7 @@ def test_transactional_handler_writes_and_children_appear_only_when_it_succeeds(
     assert headers["attempts"] == 4
 
 
+@pytest.mark.sqlite  # SQLite's own transaction rules, or a handler written for sqlite3
 def test_transactional_handler_children_are_invisible_to_others_until_its_transaction_commits(project):
     jobs = failapp(project)
     msg_id = jobs.dispatch("tx", {"n": "t", "children": 2})
@@ -417,6 +390,7 @@ def test_transactional_handler_children_are_invisible_to_others_until_its_transa
 MISBEHAVIOUR = ["raise", "constraint", "commit", "rollback", "execute_commit", "execute_rollback", "close", "or_rollback"]
 
 
+@pytest.mark.sqlite  # SQLite's own transaction rules, or a handler written for sqlite3
 @pytest.mark.parametrize("how", MISBEHAVIOUR)
 def test_failed_transactional_handler_leaves_nothing_behind_and_the_next_message_runs_clean(project, how):
     jobs = failapp(project)
@@ -449,6 +423,7 @@ def test_failed_transactional_handler_leaves_nothing_behind_and_the_next_message
         assert headers["error_class"] == "sqlite3.IntegrityError"
 
 
+@pytest.mark.sqlite  # SQLite's own transaction rules, or a handler written for sqlite3
 def test_non_transactional_handler_dispatches_are_visible_at_once_and_survive_its_failure(project):
     jobs = failapp(project)
     failing = jobs.dispatch("plain", {"n": "p", "fail": True})  # app default max_retries=0
@@ -658,18 +633,13 @@ def test_unknown_ids_are_a_one_line_error_and_change_nothing(project, app):
 def test_failed_retry_all_of_many_shows_progress_and_workers_handle_them_again(project, app):
     app.setup()
     count = 600
-    conn = db(project)
-    try:
-        now = time.time()
-        headers = json.dumps({"handler": "note", "original_queue": "async", "error_class": "ValueError",
-                              "error_message": "boom", "traceback": "...", "attempts": 4, "failed_at": now})
-        conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at, attempts) "
-            "VALUES (?, ?, 'failed', ?, ?, 4)", [(json.dumps({"n": i}), headers, now, now) for i in range(count)])
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    now = time.time()
+    headers = json.dumps({"handler": "note", "original_queue": "async", "error_class": "ValueError",
+                          "error_message": "boom", "traceback": "...", "attempts": 4, "failed_at": now})
+    values = ", ".join(["(?, ?, 'failed', ?, ?, 4)"] * count)
+    params = [p for i in range(count) for p in (json.dumps({"n": i}), headers, now, now)]
+    project.execute("INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at, attempts) "
+                    "VALUES " + values, *params)
     before = rows(project)
 
     assert project.cli("failed", "retry", "--all", input="n\n").returncode == 1
@@ -727,6 +697,5 @@ def test_a_nested_transaction_that_raises_rolls_back_alone(project, app):
                 raise RuntimeError("inner block fails")
         except RuntimeError:
             pass
-    conn = sqlite3.connect(str(project.db))
-    assert conn.execute("SELECT n FROM ledger").fetchall() == [(1,)]
-    assert conn.execute("SELECT id FROM messenger_messages").fetchall() == [(outer,)]
+    assert project.query("SELECT n FROM ledger") == [(1,)]
+    assert project.query("SELECT id FROM messenger_messages") == [(outer,)]

@@ -69,6 +69,7 @@ def check_all_handled(project, count, kills):
     return duplicates
 
 
+@pytest.mark.backends
 def test_workers_killed_at_random_lose_nothing(project):
     # 3 workers x 3 ms handlers: the drain takes ~4 s whatever the CPU; the 12 kills take ~3 s of it.
     count, planned = 4000, 12
@@ -78,9 +79,14 @@ def test_workers_killed_at_random_lose_nothing(project):
     kills = 0
     rng = random.Random(1)
     started = time.monotonic()
+    # the supervisor's children are its workers once it runs them (before, one is its check of the app)
+    wait_until(lambda: len(project.query("SELECT id FROM jobrunner_workers")) == 3, timeout=30, message="3 workers")
     try:
         while len(set(project.values())) < count:
-            assert time.monotonic() - started < 90, "drain stalled at %d" % len(set(project.values()))
+            if time.monotonic() - started > 90 or supervisor.poll() is not None:
+                kill_tree(supervisor)
+                raise AssertionError("drain stalled at %d: %s" % (len(set(project.values())),
+                                                                  supervisor.communicate()[1][-3000:]))
             time.sleep(rng.uniform(0.1, 0.4))
             victims = workers_of(supervisor)
             if victims and kills < planned and len(set(project.values())) < count:
@@ -89,12 +95,13 @@ def test_workers_killed_at_random_lose_nothing(project):
         wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
         duplicates = check_all_handled(project, count, kills)
         assert kills >= planned // 2, "the drain ended after %d kills: too fast to be a test" % kills
-        report("random SIGKILLs of 3 supervised workers: %d messages, %d kills, lost 0, failed 0, %d duplicates, "
-               "%.1fs" % (count, kills, duplicates, time.monotonic() - started))
+        report("[%s] random SIGKILLs of 3 supervised workers: %d messages, %d kills, lost 0, failed 0, %d duplicates, "
+               "%.1fs" % (project.backend, count, kills, duplicates, time.monotonic() - started))
     finally:
         kill_tree(supervisor)
 
 
+@pytest.mark.backends
 def test_supervisor_killed_and_restarted_loses_nothing(project):
     count = 2000
     fill(project, count)
@@ -114,8 +121,8 @@ def test_supervisor_killed_and_restarted_loses_nothing(project):
         wait_until(lambda: len(set(project.values())) == count, timeout=60, message="every message handled")
         wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
         duplicates = check_all_handled(project, count, kills=2)
-        report("supervisor SIGKILLed mid-drain and restarted: %d messages, lost 0, failed 0, %d duplicates, "
-               "orphans gone, %.1fs" % (count, duplicates, time.monotonic() - started))
+        report("[%s] supervisor SIGKILLed mid-drain and restarted: %d messages, lost 0, failed 0, %d duplicates, "
+               "orphans gone, %.1fs" % (project.backend, count, duplicates, time.monotonic() - started))
     finally:
         kill_tree(second)
 
@@ -128,6 +135,7 @@ PRODUCER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.backends
 def test_four_producers_four_consumers(project):
     per_producer, producers = 1000, 4
     count = per_producer * producers
@@ -149,13 +157,41 @@ def test_four_producers_four_consumers(project):
     took_part = len({pid for _, pid in handled})
     assert took_part >= 2, "the consumers did not share the work"  # all four usually; SQLite promises no fairness
     assert queue_counts(project) == (0, 0)
-    report("4 producers and 4 consumers: %d messages in %.1fs, %d consumers took part, lost 0, handled twice 0"
-           % (count, elapsed, took_part))
+    report("[%s] 4 producers and 4 consumers: %d messages in %.1fs, %d consumers took part, lost 0, handled twice 0"
+           % (project.backend, count, elapsed, took_part))
 
 
 def cpu_seconds(pid):
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
+
+
+@pytest.mark.postgres
+def test_every_connection_terminated_three_times_mid_drain_loses_nothing(project):
+    # A PostgreSQL restart, a failover, a network blip: every session of the workers and the supervisor is cut,
+    # three times.  They reconnect with backoff and go on; nothing is lost.
+    count, cuts, workers = 3000, 3, 2
+    fill(project, count)
+    supervisor = project.start("supervise", "async", "--numprocs", str(workers), "--log-dir", "var/log", env=RELIAPP)
+    started = time.monotonic()
+    cut = 0
+    try:
+        while cut < cuts:
+            wait_until(lambda: len(set(project.values())) > (cut + 1) * count // (cuts + 2), timeout=60,
+                       message="progress before cut %d" % (cut + 1))
+            terminated = project.query("SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                       "WHERE application_name = ? AND pid <> pg_backend_pid()", project.schema)[0][0]
+            assert terminated >= workers  # at least each worker's connection
+            cut += 1
+        wait_until(lambda: len(set(project.values())) == count, timeout=90, message="every message handled")
+        wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
+        duplicates = check_all_handled(project, count, kills=cuts * workers)
+        log = "".join(p.read_text() for p in (project.path / "var" / "log").glob("async_0*.log*"))
+        assert "cannot reach database" in log or "terminat" in log  # they did notice
+        report("[postgres] every connection terminated %d times mid-drain: %d messages, lost 0, failed 0, "
+               "%d duplicates, %.1fs" % (cuts, count, duplicates, time.monotonic() - started))
+    finally:
+        kill_tree(supervisor)
 
 
 def test_write_lock_held_for_seconds_is_waited_out(project):

@@ -17,6 +17,8 @@ import psutil
 import pytest
 from conftest import JOBRUNNER, hold_write_lock, wait_until
 
+pytestmark = pytest.mark.backends
+
 QUICK = ()  # workers are RUNNING as soon as they say they are ready: no timer to shorten
 
 
@@ -205,7 +207,7 @@ def test_workers_run_under_their_program_names_with_private_logs_and_status_tell
     for name in os.listdir(logs):
         assert stat.S_IMODE(os.stat(logs / name).st_mode) == 0o600, name
     for name, p in procs.items():
-        expected = "worker %s (pid %d) consuming high, async from %s" % (name, p["pid"], project.db)
+        expected = "worker %s (pid %d) consuming high, async from %s" % (name, p["pid"], project.where)
         assert expected in log_text(project, name + ".log")
     assert "spawned high-async_00 with pid %d" % procs["high-async_00"]["pid"] in log_text(project, "supervisor.log")
 
@@ -278,7 +280,7 @@ def test_a_frozen_worker_is_killed_even_when_another_worker_released_its_claim_f
     sups.start("slow", "--heartbeat-timeout", 3, *QUICK)
     wait_running(project, sups, ["slow_00"])
     quick_reaper = project.start("consume", "empty", env={
-        "JOBRUNNER_DSN": "sqlite:///%s?heartbeat_interval=0.3&heartbeat_timeout=1.5" % project.db})
+        "JOBRUNNER_DSN": project.dsn_with(heartbeat_interval=0.3, heartbeat_timeout=1.5)})
     wait_until(lambda: len(status(project)["processes"]) == 2, message="the standalone worker to register")
     dispatch(project, "slow", n=1, seconds=0.5)
     victim = first_start(project)
@@ -292,7 +294,7 @@ def test_a_frozen_worker_is_killed_even_when_another_worker_released_its_claim_f
 
 
 def test_a_slow_handler_that_is_alive_keeps_its_message_past_the_heartbeat_timeout(project, sups):
-    dsn = "sqlite:///%s?heartbeat_timeout=3" % project.db
+    dsn = project.dsn_with(heartbeat_timeout=3)
     sups.start("slow", "--numprocs", 2, *QUICK, env={"JOBRUNNER_DSN": dsn})
     procs = wait_running(project, sups, ["slow_00", "slow_01"])
     pids = {p["pid"] for p in procs.values()}
@@ -314,7 +316,7 @@ def test_a_slow_handler_that_is_alive_keeps_its_message_past_the_heartbeat_timeo
 def test_a_standalone_worker_killed_holding_a_message_is_released_by_another_worker_on_the_host(project):
     # a heartbeat timeout of 8 s makes the others look for dead workers every 2 s: a release
     # within 6 s can only come from seeing that the pid is gone, not from the timeout
-    env = {"JOBRUNNER_DSN": "sqlite:///%s?heartbeat_timeout=8" % project.db}
+    env = {"JOBRUNNER_DSN": project.dsn_with(heartbeat_timeout=8)}
     first = project.start("consume", "slow", env=env)
     wait_until(lambda: len(status(project, missing_ok=True)["processes"]) == 1, message="the first worker to register")
     dispatch(project, "slow", n=1, seconds=30)
@@ -430,7 +432,7 @@ def test_a_program_that_cannot_start_goes_backoff_then_fatal_and_the_supervisor_
     assert "last lines of async_00.log:" in log and "RuntimeError: cannot connect to the mail server" in log
     result = health(project)
     assert (result.returncode, result.stdout) == (1, "UNHEALTHY: no worker is running on %s (--allow-no-workers if that "
-                                                     "is expected)\n" % project.db)
+                                                     "is expected)\n" % project.where)
 
 
 def test_a_fatal_program_beside_a_running_one_keeps_the_supervisor_up_and_sighup_retries_it(project, sups):
@@ -515,7 +517,7 @@ def test_sigterm_finishes_the_current_message_and_leaves_no_process(project, sup
     for pid in pids:
         assert not alive(pid)
     assert status(project) == {"processes": []}
-    assert project.cli("status").stdout == "no supervisor or worker is running on %s\n" % project.db
+    assert project.cli("status").stdout == "no supervisor or worker is running on %s\n" % project.where
     queues, failed = stats(project)
     assert (queues.get("slow", {}).get("ready", 0), queues.get("slow", {}).get("in_flight", 0), failed) == (0, 0, 0)
     log = log_text(project, "supervisor.log")
@@ -567,7 +569,7 @@ def test_a_second_supervisor_for_the_same_program_refuses_to_start(project, sups
     second = sups.start("async", *QUICK)
     assert second.wait(timeout=20) == 2
     assert re.fullmatch(r"jobrunner: error: another supervisor already runs program async on %s \(lock .+\)\n"
-                        % re.escape(str(project.db)), sups.output(second)), sups.output(second)
+                        % re.escape(str(project.where)), sups.output(second)), sups.output(second)
     procs = supervised(status(project))
     assert procs["async_00"]["pid"] == pid and procs["async_00"]["supervisor_pid"] == first.pid
     # another program on the same database is another matter
@@ -608,7 +610,7 @@ def test_status_and_health_do_not_report_a_killed_supervisors_workers_as_running
     assert result.returncode == 1
     assert result.stdout == ("UNHEALTHY: slow_00 is UNKNOWN: supervisor (pid {0}) is gone; slow_01 is UNKNOWN: "
                              "supervisor (pid {0}) is gone; no worker is running on {1} (--allow-no-workers if that is "
-                             "expected)\n".format(sup.pid, project.db))
+                             "expected)\n".format(sup.pid, project.where))
 
 
 # --- logs -------------------------------------------------------------------------------------
@@ -709,6 +711,7 @@ command = consume high slow
 NO_DSN_ENV = {"JOBRUNNER_DSN": ""}  # the database named in [supervise] only (see the next test)
 
 
+@pytest.mark.sqlite
 def test_a_config_file_runs_each_program_with_its_own_settings(project, sups, app):
     (project.path / "workers.conf").write_text(CONFIG)
     sup = sups.start("--config", "workers.conf", log_dir=None, env=NO_DSN_ENV)
@@ -764,10 +767,7 @@ startretries = 1
     assert supervised(status(project))["slow_00"]["pid"] is None and "spawned slow_00" in log_text(
         project, "supervisor.log", "logs") and not alive(pid)
     assert log_text(project, "supervisor.log", "logs").count("spawned slow_00") == 1
-    conn = sqlite3.connect(str(project.db))
-    with conn:
-        conn.execute("DELETE FROM messenger_messages")  # the crashing message would crash the next worker too
-    conn.close()
+    project.execute("DELETE FROM messenger_messages")  # the crashing message would crash the next worker too
     sup.send_signal(signal.SIGHUP)  # restart everything, slow_00 included
     pid = wait_until(lambda: supervised(status(project)).get("slow_00", {}).get("pid"), message="slow_00 again")
     dispatch(project, "slow", n=2, seconds=30)
@@ -800,7 +800,7 @@ def test_a_config_file_works_with_the_database_in_jobrunner_dsn(project, sups):
 ])
 def test_a_bad_config_file_is_refused_with_a_clear_message(project, config, message):
     (project.path / "workers.conf").write_text(config)
-    result = project.cli("supervise", "--config", "workers.conf", "--dsn", project.db, timeout=20, env=NO_DSN_ENV)
+    result = project.cli("supervise", "--config", "workers.conf", "--dsn", project.dsn, timeout=20, env=NO_DSN_ENV)
     assert result.returncode == 2
     assert result.stderr.startswith("jobrunner: error: ") and message in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1
@@ -813,11 +813,12 @@ def test_a_bad_config_file_is_refused_with_a_clear_message(project, config, mess
 def test_health_checks_the_database_and_the_thresholds(project, app):
     result = health(project)
     assert result.returncode == 1
-    assert result.stdout.startswith("UNHEALTHY: no database at %s" % project.db), result.stdout
+    missing = "no database at %s" % project.db if project.db else "%s has no jobrunner tables" % project.where
+    assert result.stdout.startswith("UNHEALTHY: " + missing), result.stdout
     app.dispatch_many("note", [{"n": i} for i in range(3)])
     result = health(project)  # nothing consumes them: unhealthy, unless that is expected
     assert (result.returncode, result.stdout) == (1, "UNHEALTHY: no worker is running on %s (--allow-no-workers if "
-                                                     "that is expected)\n" % project.db)
+                                                     "that is expected)\n" % project.where)
     result = health_without_workers(project)
     assert (result.returncode, result.stdout) == (0, "OK: 3 ready, 0 failed\n")
     assert health_without_workers(project, "--max-ready", 3).returncode == 0
@@ -838,6 +839,7 @@ def test_health_checks_the_database_and_the_thresholds(project, app):
     assert data["failed"] == 1
 
 
+@pytest.mark.sqlite
 def test_a_long_write_transaction_does_not_get_healthy_workers_killed(project, sups):
     # While another connection holds the write lock, no worker can beat: that is not death.
     dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5&busy_timeout=10" % project.db
@@ -890,7 +892,7 @@ def test_a_killed_workers_grandchild_holding_its_output_does_not_make_the_superv
 
 
 def test_a_worker_the_supervisor_kills_takes_its_process_group_with_it(project, sups):
-    dsn = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1.5" % project.db
+    dsn = project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=1.5)
     sups.start("hard", env=dict(HARD, JOBRUNNER_DSN=dsn))
     pid = wait_running(project, sups, ["hard_00"])["hard_00"]["pid"]
     project.cli("dispatch", "spawns", '{"n": 1}', env=HARD)
@@ -939,7 +941,7 @@ def test_a_log_directory_others_can_write_to_is_warned_about(project, sups):
 
 def test_health_fails_on_a_worker_that_stopped_beating_supervised_or_standalone(project, sups, app):
     # health judges with its own DSN's timeout (1 s) while the supervisor waits 30 s before killing anyone
-    quick = "sqlite:///%s?heartbeat_interval=0.2&heartbeat_timeout=1" % project.db
+    quick = project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=1)
     sups.start("async")
     supervised_pid = wait_running(project, sups, ["async_00"])["async_00"]["pid"]
     standalone = project.start("consume", "low")
@@ -981,7 +983,7 @@ def test_a_program_gets_its_environment_and_directory(project, sups, app, tmp_pa
         project.path, project.env["PYTHONPATH"])})
     wait_until(lambda: project.values("where"), message="the handler")
     assert project.values("where") == ["%s|hello,_world|plain" % home]
-    assert project.db.exists() and not (home / "var").exists()  # the database stayed where the supervisor found it
+    assert not (home / "var").exists()  # the database stayed where the supervisor found it
 
 
 ENVAPP = """
@@ -1049,6 +1051,7 @@ def test_log_format_json_writes_one_object_per_line(project, sups, app):
     assert all(isinstance(json.loads(line), dict) for line in log_text(project, "supervisor.log").splitlines())
 
 
+@pytest.mark.sqlite
 def test_program_locks_live_in_one_directory_and_are_cleaned_up(project, sups):
     locks = project.path / "var" / "jobs.db.locks"
     sup = sups.start("async", "--name", "a")
@@ -1083,3 +1086,20 @@ def test_a_typo_in_a_config_file_is_refused(project, config, message):
     (project.path / "w.ini").write_text(config)
     result = project.cli("supervise", "--config", "w.ini")
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.postgres
+def test_one_supervisor_per_program_is_a_postgresql_advisory_lock(project, sups):
+    # a file lock cannot span hosts; the lock lives in the database both supervisors share
+    first = sups.start("async", "--name", "mail")
+    wait_running(project, sups, ["mail_00"])
+    refused = project.cli("supervise", "async", "--name", "mail", "--log-dir", "log2")
+    assert refused.returncode == 2
+    assert "another supervisor already runs program mail on %s (lock advisory lock" % project.where in refused.stderr
+    other = sups.start("high", "--name", "reports", log_dir="log3")  # another program: welcome
+    wait_running(project, sups, ["mail_00", "reports_00"])
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=15) == 0
+    again = sups.start("async", "--name", "mail", log_dir="log4")  # the lock went with its session
+    wait_running(project, sups, ["mail_00", "reports_00"], timeout=15)
+    assert {p["supervisor_pid"] for p in supervised(status(project)).values()} == {again.pid, other.pid}

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import jobrunner
-from conftest import REPO, query, wait_until
+from conftest import POSTGRES, REPO, drop_schema, postgres_dsn, query, wait_until
 from jobrunner import DatabaseLocked, InvalidMessage, JobRunner
 
 
@@ -36,9 +36,18 @@ def run_python(code, *args, timeout=30, env=None):
 
 
 @pytest.fixture
-def jobs(tmp_path):
-    """A fresh app on its own database (not created yet), with a few handlers."""
-    app = JobRunner(str(tmp_path / "var" / "jobs.db"))
+def jobs(tmp_path, backend):
+    """A fresh app on its own database (not created yet), with a few handlers: a SQLite file, or a PostgreSQL
+    schema of its own for the tests marked `backends`."""
+    schema = None
+    if backend == "postgres":
+        import uuid
+
+        schema = "t_" + uuid.uuid4().hex[:16]
+        app = JobRunner(postgres_dsn(schema))
+    else:
+        app = JobRunner(str(tmp_path / "var" / "jobs.db"))
+    app.test_schema = schema
 
     @app.handler
     def note(n):
@@ -53,7 +62,20 @@ def jobs(tmp_path):
         pass
 
     yield app
-    app.transport.close()
+    app.close()
+    if schema:
+        drop_schema(schema)
+
+
+def q(jobs, sql, *params):
+    """Rows of one statement on the database of ``jobs``, through a connection of the test's own."""
+    if not getattr(jobs, "test_schema", None):
+        return query(jobs.settings.path, sql, *params)
+    import psycopg
+
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute("SET search_path TO %s" % jobs.test_schema)
+        return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), params).fetchall()]
 
 
 # --- the table --------------------------------------------------------------------
@@ -97,11 +119,12 @@ def test_claim_query_uses_the_partial_ready_index(jobs):
     assert not any("SCAN" in line or "TEMP B-TREE" in line for line in plan), plan
 
 
+@pytest.mark.backends
 def test_message_row_has_a_json_body_and_the_handler_name_in_its_headers(jobs):
     before = time.time()
     msg_id = jobs.dispatch("greet", {"to": "a@b.c", "subject": "été ☃"})
     after = time.time()
-    (row,) = query(jobs.settings.path, "SELECT id, body, headers, queue_name, created_at, available_at, delivered_at "
+    (row,) = q(jobs, "SELECT id, body, headers, queue_name, created_at, available_at, delivered_at "
                                        "FROM messenger_messages")
     id_, body, headers, queue, created, available, delivered = row
     assert id_ == msg_id
@@ -112,11 +135,12 @@ def test_message_row_has_a_json_body_and_the_handler_name_in_its_headers(jobs):
     assert delivered is None
 
 
+@pytest.mark.backends
 def test_delay_sets_available_at_in_the_future(jobs):
     before = time.time()
     jobs.dispatch("note", {"n": 1}, delay=30)
     after = time.time()
-    ((available,),) = query(jobs.settings.path, "SELECT available_at FROM messenger_messages")
+    ((available,),) = q(jobs, "SELECT available_at FROM messenger_messages")
     assert before + 30 <= available <= after + 30
 
 
@@ -178,17 +202,19 @@ def test_an_existing_directory_keeps_its_mode(tmp_path):
 # --- the Python API -----------------------------------------------------------------
 
 
+@pytest.mark.backends
 def test_dispatch_returns_increasing_ids_of_stored_messages(jobs):
     ids = [jobs.dispatch("note", {"n": i}) for i in range(3)]
     assert ids == sorted(ids) and len(set(ids)) == 3
-    stored = query(jobs.settings.path, "SELECT id, body FROM messenger_messages ORDER BY id")
+    stored = q(jobs, "SELECT id, body FROM messenger_messages ORDER BY id")
     assert stored == [(ids[i], '{"n":%d}' % i) for i in range(3)]
 
 
+@pytest.mark.backends
 def test_handler_dispatch_passes_keywords_as_payload(jobs):
     greet = jobs.handlers["greet"]
     msg_id = greet.dispatch(to="x@y.z", sign="me")
-    ((body, headers, queue),) = query(jobs.settings.path, "SELECT body, headers, queue_name FROM messenger_messages WHERE id = ?",
+    ((body, headers, queue),) = q(jobs, "SELECT body, headers, queue_name FROM messenger_messages WHERE id = ?",
                                       msg_id)
     assert json.loads(body) == {"to": "x@y.z", "sign": "me"}
     assert json.loads(headers)["handler"] == "greet"
@@ -207,9 +233,10 @@ def test_a_decorated_function_is_still_callable(jobs):
     assert jobs.handlers["remember"].queue == "mail"
 
 
+@pytest.mark.backends
 def test_dispatch_queue_overrides_the_handlers_route(jobs):
     msg_id = jobs.dispatch("note", {"n": 1}, queue="mail")
-    assert query(jobs.settings.path, "SELECT queue_name FROM messenger_messages WHERE id = ?", msg_id) == [("mail",)]
+    assert q(jobs, "SELECT queue_name FROM messenger_messages WHERE id = ?", msg_id) == [("mail",)]
 
 
 @pytest.mark.parametrize("form", ["name-and-payloads", "pairs"])
@@ -229,9 +256,10 @@ def test_dispatch_many_writes_every_message_in_one_transaction(jobs, form):
     assert stored == [(ids[i], '{"n":%d}' % i, "async") for i in range(100)]
 
 
+@pytest.mark.backends
 def test_dispatch_many_with_pairs_routes_each_message_to_its_handlers_queue(jobs):
     ids = jobs.dispatch_many([("note", {"n": 1}), ("greet", {"to": "a"}), ("anything", {})])
-    stored = query(jobs.settings.path, "SELECT id, body, headers, queue_name FROM messenger_messages ORDER BY id")
+    stored = q(jobs, "SELECT id, body, headers, queue_name FROM messenger_messages ORDER BY id")
     assert [(i, b, json.loads(h)["handler"], q) for i, b, h, q in stored] == [
         (ids[0], '{"n":1}', "note", "async"), (ids[1], '{"to":"a"}', "greet", "mail"), (ids[2], "{}", "anything", "mail")]
 
@@ -273,23 +301,25 @@ BAD_PAYLOADS = [
 ]
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("name,payload", BAD_PAYLOADS)
 def test_invalid_dispatch_raises_invalid_message_and_stores_nothing(jobs, name, payload):
     jobs.dispatch("note", {"n": 0}, delay=5)
-    snapshot = rows(jobs.settings.path)
+    snapshot = q(jobs, "SELECT * FROM messenger_messages ORDER BY id")
     with pytest.raises(InvalidMessage):
         jobs.dispatch(name, payload)
-    assert rows(jobs.settings.path) == snapshot
+    assert q(jobs, "SELECT * FROM messenger_messages ORDER BY id") == snapshot
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("options", [{"queue": "nope"}, {"queue": "failed"}, {"queue": "bad queue"},
                                      {"delay": -1}, {"delay": float("nan")}, {"delay": "soon"}])
 def test_invalid_queue_or_delay_raises_invalid_message(jobs, options):
     jobs.dispatch("note", {"n": 0})
-    snapshot = rows(jobs.settings.path)
+    snapshot = q(jobs, "SELECT * FROM messenger_messages ORDER BY id")
     with pytest.raises(InvalidMessage):
         jobs.dispatch("note", {"n": 1}, **options)
-    assert rows(jobs.settings.path) == snapshot
+    assert q(jobs, "SELECT * FROM messenger_messages ORDER BY id") == snapshot
 
 
 def test_a_payload_over_max_body_bytes_is_refused(tmp_path):
@@ -391,7 +421,7 @@ def test_dispatch_raises_database_locked_past_the_busy_timeout(tmp_path):
 _CLAIMER = r"""
 import json, os, sys, time
 import jobrunner
-transport = jobrunner.SqliteTransport(jobrunner.Settings.from_dsn(sys.argv[1]))
+transport = jobrunner._open_transport(jobrunner.Settings.from_dsn(sys.argv[1]))
 transport.setup()
 worker_id, go = int(sys.argv[2]), sys.argv[3]
 open(go + "-ready-%d" % worker_id, "w").close()
@@ -407,11 +437,12 @@ print(json.dumps(ids))
 """
 
 
+@pytest.mark.backends
 def test_concurrent_claims_never_hand_one_message_to_two_workers(jobs, tmp_path):
     ids = jobs.dispatch_many("note", [{"n": i} for i in range(600)])
     jobs.transport.close()
     go = tmp_path / "go"
-    claimers = [subprocess.Popen([sys.executable, "-c", _CLAIMER, jobs.settings.path, str(100 + k), str(go)],
+    claimers = [subprocess.Popen([sys.executable, "-c", _CLAIMER, jobs.settings.dsn, str(100 + k), str(go)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
                                  env=dict(os.environ, PYTHONPATH=str(REPO))) for k in range(3)]
     try:
@@ -427,11 +458,12 @@ def test_concurrent_claims_never_hand_one_message_to_two_workers(jobs, tmp_path)
     claimed = {100 + k: json.loads(out) for k, (out, _) in enumerate(results)}
     everything = [i for got in claimed.values() for i in got]
     assert sorted(everything) == ids  # each message claimed exactly once
-    stored = query(jobs.settings.path, "SELECT id, claimed_by, attempts, delivered_at IS NOT NULL FROM messenger_messages")
+    stored = q(jobs, "SELECT id, claimed_by, attempts, delivered_at IS NOT NULL FROM messenger_messages")
     owner = {i: worker for worker, got in claimed.items() for i in got}
     assert sorted(stored) == [(i, owner[i], 1, 1) for i in ids]
 
 
+@pytest.mark.backends
 def test_claim_takes_the_first_non_empty_queue_then_the_oldest_message(jobs):
     jobs.dispatch("greet", {"to": "later"}, delay=60)
     first_mail = jobs.dispatch("greet", {"to": "a"})
