@@ -536,6 +536,9 @@ _SQL = {
     "release": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1" + _FENCE,
     "release_worker": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
                       "WHERE claimed_by = ? AND delivered_at IS NOT NULL",
+    # claims a worker never saw: committed while its connection was lost before the answer came back
+    "release_own": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1 "
+                   "WHERE claimed_by = ? AND delivered_at IS NOT NULL AND id <> ?",
     "any_unowned": "SELECT 1 FROM {messages} WHERE delivered_at IS NOT NULL AND delivered_at < ? "
                    "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
     "release_unowned": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
@@ -1005,6 +1008,18 @@ class Transport:
             forgotten = [wid for wid in dead if conn.execute(self.sql["worker_delete_dead"], (wid,)).rowcount]
             released += conn.execute(self.sql["release_unowned"], (now, now - self.settings.redeliver_timeout)).rowcount
         return forgotten, released
+
+    def release_own(self, worker_id, keep=None):
+        """Give back every claim of this worker but ``keep`` (the message whose outcome it still has to settle).
+
+        After a lost connection a worker cannot know whether its last claim
+        committed; what it holds and does not know about goes back, its
+        attempt given back too.  Returns how many.
+        """
+        try:
+            return self.connection().execute(self.sql["release_own"], (worker_id, -1 if keep is None else keep)).rowcount
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
 
     def has_unowned_claims(self):
         """Whether some claim has no known worker and is older than ``redeliver_timeout``."""
@@ -1669,6 +1684,7 @@ class PostgresTransport(Transport):
                         "LEFT JOIN claimed ON true")
         self.settle_and_claim = {kind: settle_claim.format(settle=self.sql[kind], claim=self.sql["claim"])
                                  for kind in ("ack", "retry", "fail", "release")}
+        self.insert_notify = self.sql["insert"] + " RETURNING id, pg_notify(%s, queue_name)"
 
     @staticmethod
     def _placeholders(sql):
@@ -1744,8 +1760,7 @@ class PostgresTransport(Transport):
             self._create_schema(conn)
 
     def _insert_one(self, conn, row):
-        return conn.execute(self.sql["insert"] + " RETURNING id, pg_notify(%s, queue_name)",
-                            row + (self.channel,)).fetchall()[0][0]
+        return self._cursor(conn).execute(self.insert_notify, row + (self.channel,), prepare=True).fetchone()[0]
 
     def _insert_many(self, conn, rows):
         bodies, headers, queues, created, available = (list(column) for column in zip(*rows))
@@ -1760,20 +1775,38 @@ class PostgresTransport(Transport):
     def _ids_param(self, ids):
         return [int(i) for i in ids]
 
+    def _cursor(self, conn):
+        """A cursor kept with its connection: the hot statements run prepared, without a cursor per call."""
+        local = self._local
+        if getattr(local, "cursor_of", None) is not conn:
+            local.cursor, local.cursor_of = conn.cursor(), conn
+        return local.cursor
+
     def _claim(self, conn, queues, worker_id, settle):
-        """One statement settles the previous outcome and claims from the first queue: one round trip."""
+        """One statement settles the previous outcome and claims from the first queue: one round trip.
+
+        A worker's bookkeeping (claims, acknowledgements, retries) commits
+        without waiting for the WAL flush: a PostgreSQL crash can only undo
+        some of it, and every undone claim or outcome means a message is
+        delivered again, never lost.  Dispatches and transactional handlers
+        stay synchronous.
+        """
         settled = True
         now = time.time()
         try:
+            cursor = self._cursor(conn)
+            if getattr(self._local, "relaxed", None) is not conn:
+                conn.execute("SET synchronous_commit = off")
+                self._local.relaxed = conn
             if settle is not None:
-                row = conn.execute(self.settle_and_claim[settle.kind],
-                                   settle.params() + (now, worker_id, queues[0], now)).fetchall()[0]
+                row = cursor.execute(self.settle_and_claim[settle.kind],
+                                     settle.params() + (now, worker_id, queues[0], now), prepare=True).fetchall()[0]
                 settled, row = row[0] == 1, (row[1:] if row[1] is not None else None)
                 rest = queues[1:]
             else:
                 row, rest = None, queues
             for queue in rest if row is None else ():
-                rows = conn.execute(self.sql["claim"], (now, worker_id, queue, now)).fetchall()
+                rows = cursor.execute(self.sql["claim"], (now, worker_id, queue, now), prepare=True).fetchall()
                 if rows:
                     row = rows[0]
                     break
@@ -1792,6 +1825,7 @@ class PostgresTransport(Transport):
         try:
             transaction = conn.transaction()
             transaction.__enter__()
+            conn.execute("SET LOCAL synchronous_commit = on")  # the handler's writes are the app's: durable
         except self.psycopg.Error as exc:
             self.reconnect()
             raise self._error(exc) from None
@@ -2838,6 +2872,10 @@ class Worker:
             if self._stop_reason is not None:
                 return outcome
             try:
+                if backoff:  # the last claim failed: it may have committed all the same, unseen
+                    released = self.transport.release_own(self.worker_id, outcome.delivery.id if outcome else None)
+                    if released:
+                        _log.warning("gave back %d message(s) claimed while the connection was lost", released)
                 delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
             except StorageError as exc:
                 backoff = min(30.0, max(0.5, backoff * 2))
