@@ -622,9 +622,9 @@ def test_worker_logs_rotate_at_the_configured_size_keeping_whole_lines(project, 
     app.dispatch_many("note", [{"n": i} for i in range(30)])
     # a handler printing 20 lines (1.6 KB) in one write, then one more message
     dispatch(project, "report", n="r", _env={"JOBRUNNER_APP": "supapp"})
-    dispatch(project, "note", n="last")
+    last = dispatch(project, "note", n="last")
     wait_until(lambda: len(project.handled("note")) == 32, message="32 messages")
-    wait_until(lambda: "message 32 handled by note" in log_text(project, "async_00.log"), timeout=5)
+    wait_until(lambda: "message %d handled by note" % last in log_text(project, "async_00.log"), timeout=5)
     logs = project.path / "log"
     assert sorted(os.listdir(logs)) == ["async_00.log", "async_00.log.1", "async_00.log.2", "supervisor.log"]
     line = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} async_00\[\d+\] [A-Z]+ .*|report r line \d{3} x{60})\Z")
@@ -638,7 +638,7 @@ def test_worker_logs_rotate_at_the_configured_size_keeping_whole_lines(project, 
     kept = "".join((logs / name).read_text() for name in ("async_00.log.2", "async_00.log.1", "async_00.log"))
     assert kept.count("report r line") == 20  # the whole report, in order, across files
     assert re.findall(r"report r line (\d{3})", kept) == ["%03d" % i for i in range(20)]
-    assert re.search(r"VERBOSE message 32 handled by note in [\d.]+ ms \(attempt 1\)\n\Z",
+    assert re.search(r"VERBOSE message %d handled by note in [\d.]+ ms \(attempt 1\)\n\Z" % last,
                      (logs / "async_00.log").read_text())
 
 
