@@ -22,6 +22,7 @@ __all__ = [
     "SqliteTransport",
     "PostgresTransport",
     "Worker",
+    "Scheduler",
     "Supervisor",
     "ProgramConfig",
     "JobRunnerError",
@@ -471,11 +472,15 @@ CREATE TABLE IF NOT EXISTS {messages} (
     available_at {real} NOT NULL,
     delivered_at {real},
     claimed_by {int},
-    attempts {int} NOT NULL DEFAULT 0
+    attempts {int} NOT NULL DEFAULT 0,
+    priority {int} NOT NULL DEFAULT 0,
+    unique_key {text}
 );
--- Only unclaimed rows: claimed ones would sit in the claim's ORDER BY and force a sort.
-CREATE INDEX IF NOT EXISTS {messages}_ready ON {messages} (queue_name, available_at, id) WHERE delivered_at IS NULL;
+-- Only unclaimed rows, in claim order: claimed ones would sit in the claim's ORDER BY and force a sort.
+CREATE INDEX IF NOT EXISTS {messages}_next ON {messages} (queue_name, priority DESC, available_at, id)
+    WHERE delivered_at IS NULL;
 CREATE INDEX IF NOT EXISTS {messages}_claimed ON {messages} (claimed_by) WHERE delivered_at IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS {messages}_unique ON {messages} (unique_key) WHERE unique_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS jobrunner_workers (
     id {pk},
     name {text} NOT NULL,
@@ -507,31 +512,52 @@ CREATE TABLE IF NOT EXISTS jobrunner_processes (
 CREATE TABLE IF NOT EXISTS jobrunner_control (
     key {text} PRIMARY KEY,
     value {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobrunner_schedules (
+    name {text} PRIMARY KEY,
+    last_tick {real} NOT NULL
 )
 """
+# Indexes of older jobrunners, replaced by the ones above.
+_OLD_INDEXES = ("{messages}_ready",)
 
 # Columns added to tables that exist already: a table created by Symfony, or by an older jobrunner.
 _ADDED_COLUMNS = {
-    "{messages}": [("claimed_by", "{int}"), ("attempts", "{int} NOT NULL DEFAULT 0")],
+    "{messages}": [("claimed_by", "{int}"), ("attempts", "{int} NOT NULL DEFAULT 0"),
+                   ("priority", "{int} NOT NULL DEFAULT 0"), ("unique_key", "{text}")],
     "jobrunner_workers": [("beats", "{int} NOT NULL DEFAULT 0")],
     "jobrunner_processes": [("exit_status", "{int}")],
 }
-_OUR_TABLES = ("{messages}", "jobrunner_workers", "jobrunner_processes", "jobrunner_control")
+_OUR_TABLES = ("{messages}", "jobrunner_workers", "jobrunner_processes", "jobrunner_control", "jobrunner_schedules")
 
 _FENCE = " WHERE id = ? AND claimed_by = ? AND attempts = ?"
 _MESSAGE_COLUMNS = "id, body, headers, queue_name, created_at, available_at, delivered_at, attempts"
 
 _SQL = {
-    "insert": "INSERT INTO {messages} (body, headers, queue_name, created_at, available_at) VALUES (?, ?, ?, ?, ?)",
+    "insert": "INSERT INTO {messages} (body, headers, queue_name, created_at, available_at, priority, unique_key) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+    # while a message with this key is queued, delayed or in flight, a dispatch with the key stores nothing
+    "insert_unique": "INSERT INTO {messages} (body, headers, queue_name, created_at, available_at, priority, unique_key) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING",
+    "unique_holder": "SELECT id FROM {messages} WHERE unique_key = ?",
+    # a paused queue gives nothing: its flag is read in the claim itself, so a pause is exact
     "claim": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
              "WHERE id = (SELECT id FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL AND available_at <= ? "
-             "ORDER BY available_at, id LIMIT 1{lock}) "
+             "AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?) "
+             "ORDER BY priority DESC, available_at, id LIMIT 1{lock}) "
              "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
-    "next_due": "SELECT MIN(available_at) FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL",
+    # The earliest unclaimed message of a queue: the index is ordered by priority first, so take the
+    # earliest of each priority, one index seek per distinct priority.
+    "next_due": "WITH RECURSIVE p(v) AS (SELECT MAX(priority) FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL "
+                "UNION ALL SELECT (SELECT MAX(priority) FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL "
+                "AND priority < p.v) FROM p WHERE p.v IS NOT NULL) "
+                "SELECT MIN((SELECT MIN(available_at) FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL "
+                "AND priority = p.v)) FROM p WHERE p.v IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?)",
     "ack": "DELETE FROM {messages}" + _FENCE,
     "retry": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ?, headers = ?" + _FENCE,
-    "fail": "UPDATE {messages} SET queue_name = 'failed', delivered_at = NULL, claimed_by = NULL, available_at = ?, "
-            "headers = ?" + _FENCE,
+    "fail": "UPDATE {messages} SET queue_name = 'failed', delivered_at = NULL, claimed_by = NULL, unique_key = NULL, "
+            "available_at = ?, headers = ?" + _FENCE,
     # a release gives back an attempt the worker never really made (it was told to stop, or the lock was busy)
     "release": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1" + _FENCE,
     "release_worker": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
@@ -571,6 +597,18 @@ _SQL = {
     "workers_started_before": "SELECT COUNT(*) FROM jobrunner_workers WHERE started_at <= ?",
     "worker_children": "SELECT id, pid, beats FROM jobrunner_workers WHERE host = ? AND ppid = ?",
     "control_get": "SELECT value FROM jobrunner_control WHERE key = ?",
+    "control_delete": "DELETE FROM jobrunner_control WHERE key = ?",
+    "paused": "SELECT key, value FROM jobrunner_control WHERE key >= 'paused:' AND key < 'paused;'",
+    # cancelling: a waiting message goes at once; one in flight is marked, for its worker to interrupt
+    "cancel_waiting": "DELETE FROM {messages} WHERE id = ? AND delivered_at IS NULL "
+                      "AND queue_name NOT IN ('failed', 'cancelled')",
+    "cancel_running": "UPDATE {messages} SET queue_name = 'cancelled', unique_key = NULL WHERE id = ? "
+                      "AND delivered_at IS NOT NULL AND queue_name NOT IN ('failed', 'cancelled')",
+    "purge_cancelled": "DELETE FROM {messages} WHERE queue_name = 'cancelled' AND delivered_at IS NULL",
+    "queue_of": "SELECT queue_name FROM {messages} WHERE id = ?",
+    "schedule_start": "INSERT INTO jobrunner_schedules (name, last_tick) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+    "schedule_advance": "UPDATE jobrunner_schedules SET last_tick = ? WHERE name = ? AND last_tick < ?",
+    "schedule_last": "SELECT last_tick FROM jobrunner_schedules WHERE name = ?",
     "control_set": "INSERT INTO jobrunner_control (key, value) VALUES (?, ?) "
                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     "process_upsert": "INSERT INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
@@ -589,6 +627,8 @@ _SQL = {
 }
 
 _STOP_KEY = "stop_workers_at"
+_PAUSED = "paused:"  # + a queue name: the control row of a paused queue
+_CANCELLED_QUEUE = "cancelled"  # where a running message waits, once cancelled, for its worker to stop it
 
 
 @dataclasses.dataclass
@@ -728,7 +768,7 @@ class Transport:
         text = "\n".join(line for line in _SCHEMA.format(**types).splitlines() if not line.startswith("--"))
         statements = [s.strip() for s in text.split(";") if s.strip()]
         for statement in statements:
-            if not statement.startswith("CREATE INDEX"):
+            if not statement.startswith(("CREATE INDEX", "CREATE UNIQUE INDEX")):
                 conn.execute(statement)
         for table, columns in _ADDED_COLUMNS.items():
             table = table.format(**types)
@@ -737,8 +777,10 @@ class Transport:
                 if column not in present:
                     conn.execute("ALTER TABLE %s ADD COLUMN %s %s" % (table, column, ddl.format(**types)))
         for statement in statements:
-            if statement.startswith("CREATE INDEX"):
+            if statement.startswith(("CREATE INDEX", "CREATE UNIQUE INDEX")):
                 conn.execute(statement)
+        for index in _OLD_INDEXES:
+            conn.execute("DROP INDEX IF EXISTS %s" % index.format(**types))
 
     def _has_schema(self, conn):
         raise NotImplementedError
@@ -804,25 +846,48 @@ class Transport:
     # Messages
 
     def send(self, messages, conn=None):
-        """Store ``(queue, body, headers, available_at)`` tuples; return their ids.
+        """Store ``(queue, body, headers, available_at, priority, unique_key)`` tuples; return their ids.
 
         With ``conn`` inside an open transaction the rows join it; otherwise
-        they commit before this returns.
+        they commit before this returns.  A message whose unique key is held
+        by a queued, delayed or running one is not stored: its id is that one's.
         """
         now = time.time()
-        rows = [(body, headers, queue, now, now if available_at is None else available_at)
-                for queue, body, headers, available_at in messages]
+        rows = [(body, headers, queue, now, now if available_at is None else available_at, priority, key)
+                for queue, body, headers, available_at, priority, key in messages]
         if conn is None:
             conn = self.connection()
         try:
             if len(rows) == 1:
-                return [self._insert_one(conn, rows[0])]
+                return [self._insert_unique(conn, rows[0]) if rows[0][6] is not None else self._insert_one(conn, rows[0])]
             if self._in_transaction(conn):
-                return self._insert_many(conn, rows)
+                return self._insert_rows(conn, rows)
             with self.transaction(conn):
-                return self._insert_many(conn, rows)
+                return self._insert_rows(conn, rows)
         except self.driver_errors as exc:
             raise self._error(exc) from None
+
+    def _insert_rows(self, conn, rows):
+        if any(row[6] is not None for row in rows):
+            return [self._insert_unique(conn, row) if row[6] is not None else self._insert_one(conn, row) for row in rows]
+        return self._insert_many(conn, rows)
+
+    def _insert_unique(self, conn, row):
+        """Insert unless the key is held; the check and the insert are one statement (the unique index decides)."""
+        for _ in range(100):
+            inserted = self._try_insert_unique(conn, row)
+            if inserted is not None:
+                return inserted
+            holder = conn.execute(self.sql["unique_holder"], (row[6],)).fetchall()
+            if holder:
+                return holder[0][0]
+            # the holder was handled between the two statements: the key is free again, try anew
+        raise StorageError("unique key %r: could not insert nor find its holder" % (row[6],))
+
+    def _try_insert_unique(self, conn, row):
+        """The new message's id, or None when the key is held."""
+        rows = conn.execute(self.sql["insert_unique"] + " RETURNING id", row).fetchall()
+        return rows[0][0] if rows else None
 
     def _insert_one(self, conn, row):
         return conn.execute(self.sql["insert"] + " RETURNING id", row).fetchall()[0][0]
@@ -859,7 +924,7 @@ class Transport:
                     settled = conn.execute(sql[settle.kind], settle.params()).rowcount == 1
                 now = time.time()
                 for queue in queues:
-                    rows = conn.execute(sql["claim"], (now, worker_id, queue, now)).fetchall()
+                    rows = conn.execute(sql["claim"], (now, worker_id, queue, now, _PAUSED + queue)).fetchall()
                     if rows:
                         row = rows[0]
                         break
@@ -887,9 +952,10 @@ class Transport:
             raise self._error(exc) from None
 
     def _next_due(self, conn, queues):
+        """When the earliest unclaimed message of these queues (those not paused) becomes available."""
         due = None
         for queue in queues:
-            value = conn.execute(self.sql["next_due"], (queue,)).fetchall()[0][0]
+            value = conn.execute(self.sql["next_due"], (queue, queue, queue, _PAUSED + queue)).fetchall()[0][0]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and (due is None or value < due):
                 due = value
         return due
@@ -1027,7 +1093,72 @@ class Transport:
 
     def _release_claims(self, conn, worker_ids):
         now = time.time()
-        return sum(conn.execute(self.sql["release_worker"], (now, wid)).rowcount for wid in worker_ids)
+        released = sum(conn.execute(self.sql["release_worker"], (now, wid)).rowcount for wid in worker_ids)
+        if released:  # a cancelled message whose worker died is not run again
+            released -= conn.execute(self.sql["purge_cancelled"]).rowcount
+        return released
+
+    # Control: pause, resume, cancel
+
+    def pause(self, queues):
+        """Stop workers taking messages from these queues; dispatches still store them.  Survives restarts."""
+        now = time.time()
+        with self.transaction(self.connection()) as conn:
+            for queue in queues:
+                conn.execute(self.sql["control_set"], (_PAUSED + queue, now))
+
+    def resume(self, queues):
+        with self.transaction(self.connection()) as conn:
+            for queue in queues:
+                conn.execute(self.sql["control_delete"], (_PAUSED + queue,))
+            self._notify(conn, queues)
+
+    def _notify(self, conn, queues):
+        """Wake the idle workers of these queues (where waking needs more than a commit)."""
+
+    def paused(self):
+        """``{queue: paused_since}`` of every paused queue."""
+        return {key[len(_PAUSED):]: since for key, since in self._rows("paused")}
+
+    def cancel(self, message_id):
+        """``"waiting"`` (removed) or ``"running"`` (its worker interrupts it); UnknownMessage otherwise."""
+        with self.transaction(self.connection(create=False)) as conn:
+            if conn.execute(self.sql["cancel_waiting"], (message_id,)).rowcount:
+                return "waiting"
+            if conn.execute(self.sql["cancel_running"], (message_id,)).rowcount:
+                return "running"
+            where = conn.execute(self.sql["queue_of"], (message_id,)).fetchall()
+        if where and where[0][0] == FAILED_QUEUE:
+            raise UnknownMessage("message %d is in the failure queue: `jobrunner failed remove %d` deletes it"
+                                 % (message_id, message_id))
+        if where:
+            raise UnknownMessage("message %d is being cancelled already" % message_id)
+        raise UnknownMessage("no message %d: unknown, or handled already" % message_id)
+
+    def is_cancelled(self, message_id):
+        """Whether this claimed message was cancelled while it ran."""
+        rows = self._rows("queue_of", (message_id,), create=True)
+        return bool(rows) and rows[0][0] == _CANCELLED_QUEUE
+
+    # Schedules: each periodic message once per tick, whatever the number of schedulers
+
+    def enqueue_tick(self, name, tick, message):
+        """Store ``message`` for schedule ``name``'s ``tick`` unless that tick (or a later one) was enqueued.
+
+        The first time a schedule is seen, its latest tick is recorded and
+        nothing is enqueued.  Returns the message id, or None.
+        """
+        with self.transaction() as conn:
+            if not conn.execute(self.sql["schedule_last"], (name,)).fetchall():
+                conn.execute(self.sql["schedule_start"], (name, tick))
+                return None
+            if conn.execute(self.sql["schedule_advance"], (tick, name, tick)).rowcount != 1:
+                return None
+            return self.send([message], conn)[0]
+
+    def last_tick(self, name):
+        rows = self._rows("schedule_last", (name,), create=True)
+        return rows[0][0] if rows else None
 
     def request_stop(self):
         """Ask every worker started before now to stop after its current message; return how many run."""
@@ -1094,15 +1225,21 @@ class Transport:
         now = time.time()
         waiting = self._rows("stats_waiting", (now, now), conn=conn)
         claimed = dict(self._rows("stats_claimed", conn=conn))
+        paused = {key[len(_PAUSED):] for key, _ in self._rows("paused", conn=conn)}
+        claimed.pop(_CANCELLED_QUEUE, None)
         queues, failed = {}, 0
         for (consumed,) in self._rows("consumed_queues", conn=conn):  # listed even when empty
             for queue in str(consumed).split(","):
                 if queue and queue != FAILED_QUEUE:
                     queues[queue] = {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None}
+        for queue in paused:
+            queues[queue] = {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None}
         for queue, ready, delayed, oldest in waiting:
             ready, delayed = int(ready or 0), int(delayed or 0)
             if queue == FAILED_QUEUE:
                 failed = ready + delayed
+                continue
+            if queue == _CANCELLED_QUEUE:
                 continue
             age = round(max(0.0, now - oldest), 3) if ready and isinstance(oldest, (int, float)) else None
             queues[queue] = {"queue": queue, "ready": ready, "delayed": delayed, "in_flight": 0, "oldest_ready_age_s": age}
@@ -1110,6 +1247,8 @@ class Transport:
             entry = queues.setdefault(queue, {"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0,
                                               "oldest_ready_age_s": None})
             entry["in_flight"] = int(count)
+        for queue, entry in queues.items():
+            entry["paused"] = queue in paused
         return {"queues": [queues[q] for q in sorted(queues)], "failed": failed}
 
     def get(self, message_id):
@@ -1386,6 +1525,10 @@ class SqliteTransport(Transport):
 
     def _insert_one(self, conn, row):
         return conn.execute(self.sql["insert"], row).lastrowid
+
+    def _try_insert_unique(self, conn, row):
+        cursor = conn.execute(self.sql["insert_unique"], row)
+        return cursor.lastrowid if cursor.rowcount == 1 else None
 
     def _insert_many(self, conn, rows):
         # Inside the write lock AUTOINCREMENT hands out consecutive ids, so the
@@ -1684,8 +1827,9 @@ class PostgresTransport(Transport):
                         "LEFT JOIN claimed ON true")
         self.settle_and_claim = {kind: settle_claim.format(settle=self.sql[kind], claim=self.sql["claim"])
                                  for kind in ("ack", "retry", "fail", "release")}
-        self.insert_notify = ("INSERT INTO %s (id, body, headers, queue_name, created_at, available_at) "
-                              "SELECT %%s, %%s, %%s, %%s, %%s, %%s FROM pg_notify(%%s, %%s)" % self.table)
+        self.insert_notify = ("INSERT INTO %s (id, body, headers, queue_name, created_at, available_at, priority, "
+                              "unique_key) SELECT %%s, %%s, %%s, %%s, %%s, %%s, %%s, %%s FROM pg_notify(%%s, %%s)"
+                              % self.table)
 
     @staticmethod
     def _placeholders(sql):
@@ -1765,6 +1909,12 @@ class PostgresTransport(Transport):
         self._cursor(conn).execute(self.insert_notify, (message_id,) + row + (self.channel, row[2]), prepare=True)
         return message_id
 
+    def _try_insert_unique(self, conn, row):
+        message_id = self._next_id(conn)
+        cursor = self._cursor(conn).execute(self.insert_notify + _UNIQUE_CONFLICT, (message_id,) + row + (self.channel, row[2]),
+                                            prepare=True)
+        return message_id if cursor.rowcount == 1 else None
+
     def _next_id(self, conn):
         """An id from a block this thread reserved: a dispatch needs no RETURNING round trip of its own.
 
@@ -1781,11 +1931,11 @@ class PostgresTransport(Transport):
         return block.pop()
 
     def _insert_many(self, conn, rows):
-        bodies, headers, queues, created, available = (list(column) for column in zip(*rows))
+        bodies, headers, queues, created, available, priorities, _ = (list(column) for column in zip(*rows))
         ids = conn.execute(
-            "INSERT INTO %s (body, headers, queue_name, created_at, available_at) SELECT * FROM "
-            "unnest(%%s::text[], %%s::text[], %%s::text[], %%s::float8[], %%s::float8[]) RETURNING id" % self.table,
-            (bodies, headers, queues, created, available)).fetchall()
+            "INSERT INTO %s (body, headers, queue_name, created_at, available_at, priority) SELECT * FROM "
+            "unnest(%%s::text[], %%s::text[], %%s::text[], %%s::float8[], %%s::float8[], %%s::bigint[]) RETURNING id"
+            % self.table, (bodies, headers, queues, created, available, priorities)).fetchall()
         for queue in set(queues):  # one notification per queue, delivered at commit
             conn.execute("SELECT pg_notify(%s, %s)", (self.channel, queue))
         return sorted(row[0] for row in ids)  # a sequence hands out ids in insertion order
@@ -1817,14 +1967,15 @@ class PostgresTransport(Transport):
                 conn.execute("SET synchronous_commit = off")
                 self._local.relaxed = conn
             if settle is not None:
-                row = cursor.execute(self.settle_and_claim[settle.kind],
-                                     settle.params() + (now, worker_id, queues[0], now), prepare=True).fetchall()[0]
+                row = cursor.execute(self.settle_and_claim[settle.kind], settle.params() + (
+                    now, worker_id, queues[0], now, _PAUSED + queues[0]), prepare=True).fetchall()[0]
                 settled, row = row[0] == 1, (row[1:] if row[1] is not None else None)
                 rest = queues[1:]
             else:
                 row, rest = None, queues
             for queue in rest if row is None else ():
-                rows = cursor.execute(self.sql["claim"], (now, worker_id, queue, now), prepare=True).fetchall()
+                rows = cursor.execute(self.sql["claim"], (now, worker_id, queue, now, _PAUSED + queue),
+                                      prepare=True).fetchall()
                 if rows:
                     row = rows[0]
                     break
@@ -1867,6 +2018,10 @@ class PostgresTransport(Transport):
             self.reconnect()
         return False
 
+    def _notify(self, conn, queues):
+        for queue in queues:
+            conn.execute("SELECT pg_notify(%s, %s)", (self.channel, queue))
+
     def requeue_failed(self, ids, conn, queue_of=None):
         moved, left = super().requeue_failed(ids, conn, queue_of)
         if moved:
@@ -1881,6 +2036,7 @@ class PostgresTransport(Transport):
 
 
 _ID_BLOCK = 64
+_UNIQUE_CONFLICT = " ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
 
 
 def _advisory_key(*parts):
@@ -2082,9 +2238,10 @@ class Handler:
     def __repr__(self):
         return "<Handler %s -> %s queue=%s>" % (self.name, getattr(self.fn, "__qualname__", self.fn), self.queue)
 
-    def dispatch(self, *, _delay=0, _queue=None, **payload):
+    def dispatch(self, *, _delay=0, _queue=None, _priority=0, _unique_key=None, **payload):
         """Dispatch a message to this handler; the keywords are its payload. Returns the message id."""
-        return self.app.dispatch(self.name, payload, queue=_queue, delay=_delay)
+        return self.app.dispatch(self.name, payload, queue=_queue, delay=_delay, priority=_priority,
+                                 unique_key=_unique_key)
 
     def dispatch_many(self, payloads, *, queue=None, delay=0):
         """Dispatch one message per payload in one transaction; returns their ids."""
@@ -2107,6 +2264,7 @@ class Handler:
 
     def describe(self):
         fn = self.fn
+        schedule = self.app.schedules.get(self.name)
         return {
             "name": self.name,
             "queue": self.queue,
@@ -2118,6 +2276,8 @@ class Handler:
             "timeout": self.timeout,
             "transactional": self.transactional,
             "async": self.is_async,
+            "schedule": str(schedule) if schedule else None,
+            "next_run_at": schedule.next_after(time.time()) if schedule else None,
         }
 
 
@@ -2162,6 +2322,8 @@ class JobRunner:
         #: run handlers inside dispatch() instead of storing messages: for an app's own tests
         self.eager = bool(eager)
         self._hooks = {"before": [], "success": [], "retry": [], "failure": []}
+        #: the schedules of periodic handlers, by handler name
+        self.schedules = {}
         self.default_queue = _check_queue_name(queue)
         self.retry = RetryStrategy(max_retries, delay, multiplier, max_delay, jitter)
         self.handlers = {}
@@ -2242,6 +2404,36 @@ class JobRunner:
 
         return register
 
+    def periodic(self, cron=None, *, every=None, tz="UTC", queue=None, name=None, **options):
+        """Register a handler that a scheduler enqueues on a schedule: ``cron`` (5 fields, minute resolution,
+        in ``tz``) or ``every`` seconds.
+
+        ``supervise`` runs the scheduler (``--no-scheduler`` to turn it off),
+        or ``jobrunner schedule`` alone.  Each tick is enqueued once whatever
+        the number of schedulers; a tick missed while none ran is enqueued
+        once when one comes back.  The handler takes no payload, or a
+        ``scheduled_at`` keyword (the tick, Unix seconds).  Other keywords are
+        those of :meth:`handler` (retries, timeout...).
+        """
+        def register(fn):
+            handler_name = name or getattr(fn, "__name__", None)
+            schedule = _Schedule(handler_name, cron, every, tz)
+            handler = self.handler(handler_name, queue=queue, **options)(fn)
+            if handler._required - {"scheduled_at"}:
+                del self.handlers[handler_name]
+                raise ConfigurationError("periodic handler %s takes required arguments %s: a scheduled message has no "
+                                         "payload (only scheduled_at)" % (handler_name, ", ".join(sorted(handler._required))))
+            self.schedules[handler_name] = schedule
+            return handler
+
+        return register
+
+    def _tick_message(self, name, tick):
+        """The message a schedule's tick enqueues."""
+        handler = self.handlers[name]
+        payload = {"scheduled_at": tick} if handler._accepts_any or "scheduled_at" in handler._allowed else {}
+        return self._encode(name, payload, None, 0, time.time())
+
     def get_handler(self, name):
         handler = self.handlers.get(name)
         if handler is None:
@@ -2261,7 +2453,7 @@ class JobRunner:
 
     # Dispatch
 
-    def _encode(self, name, payload, queue, delay, now):
+    def _encode(self, name, payload, queue, delay, now, priority=0, unique_key=None):
         handler = self.get_handler(name)
         if payload is None:
             payload = {}
@@ -2274,25 +2466,31 @@ class JobRunner:
             queue = handler.queue
         elif queue != handler.queue:
             self.check_queues([queue])
-            if queue == FAILED_QUEUE:
-                raise InvalidMessage("messages cannot be dispatched to the %r queue" % FAILED_QUEUE)
+            if queue in (FAILED_QUEUE, _CANCELLED_QUEUE):
+                raise InvalidMessage("messages cannot be dispatched to the %r queue" % queue)
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not delay >= 0 or delay == float("inf"):
             raise InvalidMessage("delay must be a number of seconds >= 0, not %r" % (delay,))
-        return queue, body, _headers_for(name), now + delay
+        if type(priority) is not int or not -2 ** 31 <= priority < 2 ** 31:
+            raise InvalidMessage("priority must be a whole number between -2**31 and 2**31-1, not %r" % (priority,))
+        if unique_key is not None and not (isinstance(unique_key, str) and 0 < len(unique_key) <= 255):
+            raise InvalidMessage("unique_key must be a string of 1 to 255 characters, not %r" % (unique_key,))
+        return queue, body, _headers_for(name), now + delay, priority, unique_key
 
-    def dispatch(self, name, payload=None, queue=None, delay=0):
+    def dispatch(self, name, payload=None, queue=None, delay=0, *, priority=0, unique_key=None):
         """Store a message for handler ``name``; return its id.
 
         Inside a transactional handler or ``with jobs.transaction()``, the
         message joins that transaction; otherwise it is committed (and visible
-        to workers) before this returns.
+        to workers) before this returns.  ``priority``: higher first within a
+        queue.  ``unique_key``: while a message with that key is queued,
+        delayed or running, nothing is stored and its id is returned.
         """
-        message = self._encode(name, payload, queue, delay, time.time())
+        message = self._encode(name, payload, queue, delay, time.time(), priority, unique_key)
         if self.eager:
             return self._run_eagerly(name, message)
         return self.transport.send([message], self._current_conn())[0]
 
-    def dispatch_many(self, name_or_messages, payloads=None, *, queue=None, delay=0):
+    def dispatch_many(self, name_or_messages, payloads=None, *, queue=None, delay=0, priority=0):
         """Store many messages in one transaction; return their ids.
 
         ``dispatch_many("send_email", [{...}, {...}])`` or
@@ -2313,12 +2511,11 @@ class JobRunner:
                 name, payload = pair
             except (TypeError, ValueError):
                 raise InvalidMessage("dispatch_many expects (name, payload) pairs, got %r" % (pair,)) from None
-            messages.append(self._encode(name, payload, queue, delay, now))
+            messages.append(self._encode(name, payload, queue, delay, now, priority))
         if not messages:
             return []
         if self.eager:
-            return [self._run_eagerly(json.loads(headers)["handler"], (q, body, headers, at))
-                    for q, body, headers, at in messages]
+            return [self._run_eagerly(json.loads(message[2])["handler"], message) for message in messages]
         return self.transport.send(messages, self._current_conn())
 
     def _run_eagerly(self, name, message):
@@ -2376,7 +2573,8 @@ class JobRunner:
         listed = {q["queue"] for q in stats["queues"]}
         for queue in self.queues:
             if queue not in listed:
-                stats["queues"].append({"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None})
+                stats["queues"].append({"queue": queue, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None,
+                                        "paused": False})
         stats["queues"].sort(key=lambda q: q["queue"])
         return stats
 
@@ -2432,6 +2630,24 @@ class JobRunner:
     def stop_workers(self):
         """Ask every worker on this database to finish its current message and exit."""
         return self.transport.request_stop()
+
+    def pause(self, *queues):
+        """Workers take nothing more from these queues (dispatches still store); lasts until :meth:`resume`."""
+        self.transport.pause(self.check_queues(list(queues)))
+
+    def resume(self, *queues):
+        """Workers take messages from these queues again."""
+        self.transport.resume(self.check_queues(list(queues)))
+
+    def cancel(self, message_id):
+        """Remove a queued or delayed message, or interrupt a running one (its worker stops it within seconds).
+
+        Returns ``"waiting"`` or ``"running"``; UnknownMessage for an unknown,
+        handled or failed message.
+        """
+        if type(message_id) is not int:
+            raise InvalidMessage("a message id is a whole number, not %r" % (message_id,))
+        return self.transport.cancel(message_id)
 
     def failed(self, ids=None, limit=None):
         """Envelopes in the failure queue, newest first."""
@@ -2559,6 +2775,156 @@ def _load_app(spec):
         raise ConfigurationError("app module %r has %s: name one with --app %s:NAME" % (module_name, what, module_name))
     return next(iter(found.values()))
 
+
+
+# Schedules: cron expressions and fixed intervals
+
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+                 "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+_CRON_FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None), ("day of month", 1, 31, None),
+                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+                ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+
+
+def _cron_field(text, name, low, high, names):
+    """The set of values a cron field allows: ``*``, ``5``, ``1-5``, ``*/15``, ``1-10/2``, ``mon-fri``, lists of those."""
+    values = set()
+    for part in text.split(","):
+        spec, _, step = part.partition("/")
+        try:
+            step = int(step) if step else 1
+            if spec == "*":
+                first, last = low, high
+            else:
+                bounds = [_cron_value(v, low, names) for v in spec.split("-")]
+                if len(bounds) > 2:
+                    raise ValueError(spec)
+                first, last = bounds[0], bounds[-1] if len(bounds) == 2 else (high if step != 1 and "/" in part
+                                                                               else bounds[0])
+        except ValueError:
+            raise ConfigurationError("cron %s field %r is not valid" % (name, text)) from None
+        if step < 1 or not low <= first <= last <= high:
+            raise ConfigurationError("cron %s field %r is out of range %d-%d" % (name, text, low, high))
+        values.update(range(first, last + 1, step))
+    return values
+
+
+def _cron_value(text, low, names):
+    text = text.strip().lower()
+    if names and text in names:
+        return names.index(text) + (1 if low == 1 else 0)
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+class _Cron:
+    """A five-field cron expression (minute resolution), evaluated in a time zone.
+
+    As in Vixie cron, when both day of month and day of week are restricted
+    a day matching either runs.  A wall-clock time that a DST change skips
+    does not run that day; one that it repeats runs once, the first time.
+    """
+
+    def __init__(self, expression, tz="UTC"):
+        self.expression = expression
+        text = _CRON_ALIASES.get(expression.strip().lower(), expression) if isinstance(expression, str) else ""
+        fields = text.split()
+        if len(fields) != 5:
+            raise ConfigurationError("cron expression %r needs 5 fields (minute hour day-of-month month day-of-week) "
+                                     "or one of %s" % (expression, ", ".join(sorted(_CRON_ALIASES))))
+        (self.minutes, self.hours, self.days, self.months, weekdays) = (
+            _cron_field(field, *spec) for field, spec in zip(fields, _CRON_FIELDS))
+        self.weekdays = {d % 7 for d in weekdays}  # 7 is Sunday too
+        self.any_day, self.any_weekday = fields[2] == "*", fields[4] == "*"
+        self.tz = _zone(tz)
+
+    def _day_matches(self, day):
+        in_month = day.day in self.days
+        in_week = (day.isoweekday() % 7) in self.weekdays
+        if self.any_day or self.any_weekday:
+            return in_month and in_week
+        return in_month or in_week
+
+    def next_after(self, after):
+        """The first run time (Unix seconds) strictly after ``after``."""
+        import datetime
+
+        local = datetime.datetime.fromtimestamp(after, self.tz).replace(second=0, microsecond=0, tzinfo=None)
+        day = local.date()
+        start = (local.hour, local.minute)
+        for _ in range(366 * 8):  # a valid expression (Feb 29 on a Monday...) matches within 8 years
+            if day.month in self.months and self._day_matches(day):
+                for hour in sorted(self.hours):
+                    for minute in sorted(self.minutes):
+                        if (hour, minute) < start:
+                            continue
+                        moment = self._exists(datetime.datetime.combine(day, datetime.time(hour, minute)))
+                        if moment is not None and moment > after:
+                            return moment
+            day += datetime.timedelta(days=1)
+            start = (0, 0)
+        raise ConfigurationError("cron expression %r never runs" % (self.expression,))
+
+    def _exists(self, wall):
+        """Unix seconds of a local wall-clock time, or None when a DST change skips it."""
+        moment = wall.replace(tzinfo=self.tz, fold=0)
+        back = moment.astimezone(_utc()).astimezone(self.tz).replace(tzinfo=None)
+        return moment.timestamp() if back == wall else None
+
+
+def _utc():
+    import datetime
+
+    return datetime.timezone.utc
+
+
+def _zone(name):
+    if name in (None, "UTC", "utc"):
+        return _utc()
+    try:
+        import zoneinfo
+
+        return zoneinfo.ZoneInfo(name)
+    except Exception:
+        raise ConfigurationError("unknown time zone %r (an IANA name like Europe/Paris)" % (name,)) from None
+
+
+class _Schedule:
+    """When a periodic handler runs: a cron expression, or every N seconds (ticks at multiples of N)."""
+
+    def __init__(self, name, cron=None, every=None, tz="UTC"):
+        if (cron is None) == (every is None):
+            raise ConfigurationError("periodic handler %s needs a cron expression or every=SECONDS, not both" % name)
+        if every is not None and not (isinstance(every, (int, float)) and not isinstance(every, bool) and
+                                      0 < every < float("inf")):
+            raise ConfigurationError("every must be a positive number of seconds, not %r" % (every,))
+        self.name, self.every, self.tz = name, every, tz
+        self.cron = _Cron(cron, tz) if cron is not None else None
+
+    def __str__(self):
+        return "every %gs" % self.every if self.every else "%s (%s)" % (self.cron.expression, self.tz)
+
+    def next_after(self, after):
+        if self.every:
+            return (math.floor(after / self.every) + 1) * self.every
+        return self.cron.next_after(after)
+
+    def latest_at_or_before(self, now):
+        """The latest tick not after ``now``, or None (a cron that has not run for two years)."""
+        if self.every:
+            return math.floor(now / self.every) * self.every
+        window = 3600.0  # look back an hour, then four times further, until a tick is found
+        while window <= 800 * 86400:
+            moment = self.cron.next_after(now - window)
+            if moment <= now:
+                while True:
+                    following = self.cron.next_after(moment)
+                    if following > now:
+                        return moment
+                    moment = following
+            window *= 4
+        return None
 
 
 # --- The worker loop ----------------------------------------------------------------
@@ -2696,6 +3062,10 @@ class _Interrupted(BaseException):
         self.error = error
 
 
+class _Cancelled(JobRunnerError):
+    """The message was cancelled while its handler ran."""
+
+
 class _ForcedStop(BaseException):
     """A second SIGINT/SIGTERM: stop now, even in the middle of a handler."""
 
@@ -2753,6 +3123,8 @@ class Worker:
         self._alarm_armed = False
         self._alarm_fired = False
         self._call_frame = None
+        self._cancelled = None  # the id of the running message, once it is cancelled
+        self._task = None  # the running coroutine handler's task
         self._signals_installed = False
         self._signals_seen = 0
         self._stop_announced = False
@@ -2794,10 +3166,30 @@ class Worker:
 
     def _on_alarm(self, signum, frame):
         # An alarm that lands after the handler returned (we are back in _call's own frame) changes nothing.
-        if self._alarm_armed and frame is not self._call_frame:
+        if frame is self._call_frame or self._current is None:
+            return
+        if self._cancelled is not None and self._cancelled == self._current[0].id:
+            self._alarm_fired = True
+            raise _Interrupted(_Cancelled("message %d was cancelled while it ran" % self._cancelled))
+        if self._alarm_armed:
             self._alarm_armed = False
             self._alarm_fired = True
             raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % self._current[1].timeout))
+
+    def cancel_current(self, message_id):
+        """Interrupt the running handler if it is still on ``message_id`` (from the heartbeat thread)."""
+        current = self._current
+        if current is None or current[0].id != message_id or self._cancelled == message_id:
+            return
+        self._cancelled = message_id
+        task, loop = self._task, self._event_loop
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)
+        elif self._signals_installed:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+        else:
+            _log.warning("message %d was cancelled; its handler runs in a thread that cannot be interrupted, so it "
+                         "runs to its end, and the message is not retried", message_id)
 
     def _install_signals(self):
         if not self.install_signals or threading.current_thread() is not threading.main_thread():
@@ -2961,6 +3353,7 @@ class Worker:
     def _process(self, delivery):
         """Run one claimed message; return the outcome to settle (None when settled already)."""
         self.processed += 1
+        self._cancelled = None
         handler, headers, payload, outcome = self._decode(delivery)
         if outcome is not None:
             return outcome
@@ -2978,11 +3371,17 @@ class Worker:
                     _log.warning("message %d (%s): %s; back on the queue", delivery.id, handler.name, exc)
                     return _Outcome("release", delivery)
             failure = self._call(handler, payload, conn)
+            acked = False
             if conn is not None:
                 try:
-                    acked = self.transport.finish_handler(conn, delivery, failure is None)
+                    # a cancelled message's transaction rolls back, whatever its handler did
+                    ok = failure is None and self._cancelled != delivery.id
+                    acked = self.transport.finish_handler(conn, delivery, ok)
                 except Exception as exc:
                     failure, acked = exc, False
+            if isinstance(failure, _Cancelled) or self._cancelled == delivery.id:
+                return self._was_cancelled(delivery, handler, failure)
+            if conn is not None:
                 if failure is None:
                     if acked:
                         self._succeeded(delivery, handler, started, headers, payload)
@@ -3006,6 +3405,14 @@ class Worker:
             raise
         finally:
             self._current = None
+
+    def _was_cancelled(self, delivery, handler, failure):
+        """A message cancelled while it ran is removed: neither retried nor failed."""
+        self.transport.abandon_transaction()
+        _log.warning("message %d (%s) was cancelled while it ran: %s", delivery.id, handler.name,
+                     "interrupted" if failure is not None else "its handler had finished",
+                     extra={"event": "cancelled", "message_id": delivery.id, "handler": handler.name})
+        return _Outcome("ack", delivery)
 
     def _decode(self, delivery):
         """``(handler, headers, payload, None)``, or an outcome for a message that cannot run here."""
@@ -3063,13 +3470,13 @@ class Worker:
         return None
 
     def _run_function(self, handler, kwargs):
+        self._call_frame = sys._getframe()
         timeout = handler.timeout
         if not timeout:
             return handler.fn(**kwargs)
         self._deadline = time.monotonic() + timeout
         armed = self._signals_installed
         if armed:
-            self._call_frame = sys._getframe()
             self._alarm_armed = True
             signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
@@ -3086,7 +3493,7 @@ class Worker:
         if self._event_loop is None:
             self._event_loop = asyncio.new_event_loop()
         loop = self._event_loop
-        task = loop.create_task(handler.fn(**kwargs))
+        task = self._task = loop.create_task(handler.fn(**kwargs))
         timeout = handler.timeout
         if timeout:
             self._deadline = time.monotonic() + timeout
@@ -3097,9 +3504,12 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     loop.run_until_complete(task)  # let it clean up after its cancellation
                 raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % timeout))
+            if task.cancelled() and self._cancelled is not None:
+                raise _Interrupted(_Cancelled("message %d was cancelled while it ran" % self._cancelled))
             return task.result()
         finally:
             self._deadline = None
+            self._task = None
             if not task.done():
                 task.cancel()
 
@@ -3269,6 +3679,8 @@ class _Heartbeat(threading.Thread):
         current = worker._current
         alive, stop_at = self.transport.beat(worker.worker_id, worker.handled, worker.failed, _rss_bytes(),
                                              current[0].id if current else None)
+        if current is not None and self.transport.is_cancelled(current[0].id):
+            worker.cancel_current(current[0].id)
         if not alive:
             # Declared dead (frozen past the timeout): our claim was released, and our ack would be refused.
             worker.stop("this worker was declared dead after missing its heartbeats", exit_code=1)
@@ -3337,11 +3749,124 @@ class _Heartbeat(threading.Thread):
         return False
 
 
+class Scheduler:
+    """Enqueues the messages of the app's periodic handlers at their ticks.
+
+    Any number may run, on any number of hosts: each tick is enqueued once
+    (a compare-and-set on the schedule's last tick, in the transaction that
+    stores the message).  It registers and beats like a worker, so `status`,
+    `health` and the supervisor see it.
+    """
+
+    def __init__(self, app, *, name="schedule", install_signals=True, parent_pid=None, owns_process=False,
+                 on_ready=None):
+        if not app.schedules:
+            raise ConfigurationError("the app has no periodic handler (@jobs.periodic) to schedule")
+        self.app = app
+        self.transport = app.transport
+        self.name = name
+        self.install_signals = install_signals
+        self.parent_pid = parent_pid
+        self.owns_process = owns_process
+        self.on_ready = on_ready
+        self.host = _host_identity()
+        self.worker_id = None
+        self.enqueued = 0
+        self.exit_code = 0
+        self._stop_reason = None
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._seen = {}  # schedule name -> the latest tick this process dealt with
+
+    def stop(self, reason="asked to stop", exit_code=0):
+        if self._stop_reason is None:
+            self._stop_reason, self.exit_code = reason, exit_code
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"!")
+
+    def _on_signal(self, signum, frame):
+        self.stop("received %s" % signal.Signals(signum).name)
+
+    def run(self):
+        """Enqueue ticks until stopped; return why."""
+        previous = {}
+        if self.install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        started_at = time.time()
+        try:
+            self.worker_id = self.transport.register_worker(self.name, self.host, [], started_at)
+            _log.info("scheduler %s (pid %d) scheduling %s on %s", self.name, os.getpid(),
+                      ", ".join("%s %s" % (n, s) for n, s in sorted(self.app.schedules.items())), self.transport.where,
+                      extra={"event": "started"})
+            if self.on_ready is not None:
+                self.on_ready()
+            self._loop(started_at)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.worker_id is not None:
+                with contextlib.suppress(JobRunnerError):
+                    self.transport.unregister_worker(self.worker_id, keep_row=bool(self.parent_pid))
+            for fd in (self._wake_read, self._wake_write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        _log.log(logging.INFO if self.exit_code == 0 else logging.ERROR, "scheduler %s stopped: %s (%d enqueued)",
+                 self.name, self._stop_reason, self.enqueued, extra={"event": "stopped"})
+        return self._stop_reason
+
+    def _loop(self, started_at):
+        interval = self.transport.settings.heartbeat_interval
+        next_beat = 0.0
+        while self._stop_reason is None:
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                self.stop("the supervisor (pid %d) is gone" % self.parent_pid)
+                break
+            now = time.time()
+            try:
+                self._tick(now)
+                if time.monotonic() >= next_beat:
+                    alive, stop_at = self.transport.beat(self.worker_id, self.enqueued, 0, _rss_bytes(), None)
+                    next_beat = time.monotonic() + interval
+                    if not alive:
+                        self.stop("this scheduler was declared dead after missing its heartbeats", exit_code=1)
+                    elif stop_at is not None and stop_at >= started_at:
+                        self.stop("stop-workers was requested")
+            except JobRunnerError as exc:
+                _log.error("scheduler: %s", exc)
+                self.transport.reconnect()
+            soonest = min(schedule.next_after(now) for schedule in self.app.schedules.values())
+            wait = max(0.0, min(soonest - time.time(), next_beat - time.monotonic()))
+            if select.select([self._wake_read], [], [], wait)[0]:
+                _drain_fd(self._wake_read)
+
+    def _tick(self, now):
+        for name, schedule in self.app.schedules.items():
+            tick = schedule.latest_at_or_before(now)
+            if tick is None or self._seen.get(name, -math.inf) >= tick:
+                continue
+            message_id = self.transport.enqueue_tick(name, tick, self.app._tick_message(name, tick))
+            self._seen[name] = tick
+            if message_id is not None:
+                self.enqueued += 1
+                _log.log(_VERBOSE, "schedule %s: message %d for its tick at %s", name, message_id,
+                         _format_tick(tick, schedule.tz), extra={"event": "scheduled", "message_id": message_id,
+                                                                 "handler": name})
+
+
+def _format_tick(tick, tz):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(tick, _zone(tz)).isoformat(timespec="seconds")
+
+
+
 # --- The supervisor -----------------------------------------------------------------
 
 _AUTORESTART = ("true", "false", "unexpected")
 _SUPERVISOR_STALE_S = 10.0
 _TAIL_LINES = 20  # lines of a worker's output copied into supervisor.log when it fails to start
+_SCHEDULER_RETRY_S = 30  # how often a supervisor without the scheduler's lock tries to take it
 
 
 @dataclasses.dataclass
@@ -3369,11 +3894,15 @@ class ProgramConfig:
     directory: str = None
     #: ``text`` or ``json`` (one object per line, for log shippers)
     log_format: str = "text"
+    #: ``worker``, or ``scheduler`` (the supervisor adds it for an app with periodic handlers)
+    kind: str = "worker"
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name or ""):
             raise ConfigurationError("invalid program name %r: letters, digits, '_', '.', '-'" % (self.name,))
         self.queues = list(self.queues)  # empty: every queue of the app, learnt when the supervisor starts
+        if (self.name == "scheduler") != (self.kind == "scheduler"):
+            raise ConfigurationError("program name scheduler is the supervisor's own (it runs the app's schedule)")
         if self.log_format not in _LOG_FORMATS:
             raise ConfigurationError("log format must be text or json, not %r" % (self.log_format,))
         if self.directory is not None and not os.path.isdir(self.directory):
@@ -3629,7 +4158,7 @@ class Supervisor:
     """
 
     def __init__(self, programs, *, app_spec, dsn=None, log_dir="var/log", settings_overrides=None, config_path=None,
-                 log_format="text", log_max_bytes=10 * _MIB, log_backups=3):
+                 log_format="text", log_max_bytes=10 * _MIB, log_backups=3, scheduler=True):
         _check_programs(programs)
         self.programs = programs
         self.app_spec = app_spec
@@ -3642,6 +4171,12 @@ class Supervisor:
         self.log_max_bytes, self.log_backups = log_max_bytes, log_backups
         #: re-read on SIGHUP: what changed is applied, an invalid file is refused and the running one kept
         self.config_path = config_path
+        #: run the app's schedule (one scheduler per database: the supervisor that holds its lock runs it)
+        self.run_scheduler = scheduler
+        self._want_scheduler = False
+        self._app_schedules = []
+        self._next_scheduler_try = 0.0
+        self._told_scheduler_elsewhere = False
         self.processes = [_Process(p, i, self._state_changed) for p in programs for i in range(p.numprocs)]
         self.host = _host_identity()
         self.settings = None
@@ -3667,6 +4202,8 @@ class Supervisor:
         self.settings, app_queues = self._preflight(self.programs)
         for program in self.programs:
             program.queues = program.queues or list(app_queues)
+        if self.run_scheduler and self._app_schedules:
+            self._want_scheduler = True
         self.transport = _open_transport(self.settings)
         self._judge = _SilenceJudge(self.settings.heartbeat_timeout)
         self._acquire_locks(self.programs)
@@ -3716,7 +4253,8 @@ class Supervisor:
                     app.check_queues(program.queues)
                     if not program.queues and not app.queues:
                         raise ConfigurationError("program %s: the app routes no handler to any queue" % program.name)
-                message = json.dumps({"ok": dataclasses.asdict(app.settings), "queues": app.queues})
+                message = json.dumps({"ok": dataclasses.asdict(app.settings), "queues": app.queues,
+                                      "schedules": sorted(app.schedules)})
             except BaseException as exc:
                 message = json.dumps({"error": str(exc) if isinstance(exc, JobRunnerError) else "%s: %s" % (_error_class(exc), exc)})
                 code = 2
@@ -3740,6 +4278,7 @@ class Supervisor:
             how = "exit status %d" % code if code >= 0 else "killed by %s" % signal.Signals(-code).name
             raise ConfigurationError(answer.get("error") or "the app could not be loaded (the process checking it: %s)"
                                      % how)
+        self._app_schedules = answer.get("schedules", [])
         return Settings(**answer["ok"]), answer["queues"]
 
     def _acquire_locks(self, programs):
@@ -3815,6 +4354,8 @@ class Supervisor:
                 self._request_restart()
             if self._stopping:
                 self._begin_stop(now)
+            elif self._want_scheduler and now >= self._next_scheduler_try:
+                self._start_scheduler(now)
             self._retire(now)
             for proc in self.processes:
                 action = proc.transition(now, not self._stopping and not proc.retired)
@@ -3953,10 +4494,13 @@ class Supervisor:
                     os.write(ready, b"ready\n")
                     os.close(ready)
 
-            worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
-                            memory_limit=program.memory_limit, time_limit=program.time_limit, sleep=program.sleep,
-                            name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs,
-                            owns_process=True, on_ready=say_ready)
+            if program.kind == "scheduler":
+                worker = Scheduler(app, name=proc.name, parent_pid=supervisor_pid, owns_process=True, on_ready=say_ready)
+            else:
+                worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
+                                memory_limit=program.memory_limit, time_limit=program.time_limit, sleep=program.sleep,
+                                name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs,
+                                owns_process=True, on_ready=say_ready)
             worker.run()
             code = worker.exit_code
         except JobRunnerError as exc:
@@ -4043,6 +4587,8 @@ class Supervisor:
         wanted = {p.name: p for p in programs}
         current = {proc.name: proc for proc in self.processes}
         for proc in self.processes:
+            if proc.program.kind == "scheduler":
+                continue  # not in the config file: the supervisor's own
             program = wanted.get(proc.program.name)
             if program is None or int(proc.name.rsplit("_", 1)[1]) >= program.numprocs:
                 proc.retired = True  # stopped now, removed once it is gone
@@ -4054,12 +4600,39 @@ class Supervisor:
                     proc = _Process(program, index, self._state_changed)
                     self._open_log(proc)
                     self.processes.append(proc)
-        for name in [name for name in self._locks if name not in wanted]:
+        for name in [name for name in self._locks if name not in wanted and name != "scheduler"]:
             self._locks.pop(name).release()
         self.programs = programs
         self._log.info("SIGHUP: %s reloaded: %s", self.config_path,
                        ", ".join("%s x%d [%s]" % (p.name, p.numprocs, " ".join(p.queues)) for p in programs))
         return True
+
+    def _start_scheduler(self, now):
+        """Run the app's schedule here, if no other supervisor does (its lock says); else look again later."""
+        self._next_scheduler_try = now + _SCHEDULER_RETRY_S
+        if any(p.program.kind == "scheduler" for p in self.processes):
+            return
+        lock = self.transport.program_lock("scheduler")
+        try:
+            held = lock.acquire()
+        except JobRunnerError as exc:
+            self._log.error("cannot take the scheduler's lock: %s", exc)
+            return
+        finally:
+            self.transport.close()
+        if not held:
+            if not self._told_scheduler_elsewhere:
+                self._log.info("the schedule runs under another supervisor on this database; looking again every %ds",
+                               _SCHEDULER_RETRY_S)
+                self._told_scheduler_elsewhere = True
+            return
+        self._locks["scheduler"] = lock
+        program = ProgramConfig("scheduler", [], startretries=self.programs[0].startretries, kind="scheduler",
+                                log_format=self.log_format)
+        proc = _Process(program, 0, self._state_changed)
+        self._open_log(proc)
+        self.processes.append(proc)
+        self._log.info("running the schedule: %s", ", ".join(self._app_schedules))
 
     def _retire(self, now):
         """Stop the processes a reloaded config no longer has; forget them once they are gone."""
@@ -4225,11 +4798,12 @@ def _judge_process(proc, timeout):
     return None
 
 
-def _check_health(transport, max_ready=None, max_failed=None, max_age=None, allow_no_workers=False):
+def _check_health(transport, max_ready=None, max_failed=None, max_age=None, allow_no_workers=False, max_paused=None):
     """``(healthy, reasons, report)``: the database answers, workers live and beat, thresholds hold."""
     try:
         stats = transport.stats()
         status = _read_status(transport)
+        paused = transport.paused() if max_paused is not None else {}
     except JobRunnerError as exc:
         return False, [str(exc)], {"queues": [], "processes": [], "failed": None}
     timeout = transport.settings.heartbeat_timeout
@@ -4245,6 +4819,9 @@ def _check_health(transport, max_ready=None, max_failed=None, max_age=None, allo
     ages = [q["oldest_ready_age_s"] for q in stats["queues"] if q["oldest_ready_age_s"] is not None]
     if max_age is not None and ages and max(ages) > max_age:
         reasons.append("oldest ready message waited %.1fs, more than %gs" % (max(ages), max_age))
+    for queue, since in sorted(paused.items()):
+        if time.time() - since > max_paused:
+            reasons.append("queue %s has been paused for %.0fs, more than %gs" % (queue, time.time() - since, max_paused))
     report = {"queues": stats["queues"], "failed": stats["failed"], "processes": status["processes"]}
     return not reasons, reasons, report
 
@@ -4443,8 +5020,11 @@ def _cmd_setup(as_json, verbosity, app_spec, dsn):
 @_command("dispatch", _argument("name"), _argument("payload", default="{}", required=False),
           _option("--queue", "-q", help="Queue to use instead of the handler's."),
           _option("--delay", type="seconds", default=0, show_default=True, help="Seconds before it may be handled."),
+          _option("--priority", type=int, default=0, show_default=True, help="Higher runs first within its queue."),
+          _option("--unique-key", metavar="KEY",
+                  help="While a message with this key is queued or running, store nothing and print its id."),
           _JSON, _VERBOSITY, _APP)
-def _cmd_dispatch(name, payload, queue, delay, as_json, verbosity, app_spec, dsn):
+def _cmd_dispatch(name, payload, queue, delay, priority, unique_key, as_json, verbosity, app_spec, dsn):
     """Enqueue a message for handler NAME with a JSON object PAYLOAD; print its id."""
     try:
         data = json.loads(payload)
@@ -4453,7 +5033,7 @@ def _cmd_dispatch(name, payload, queue, delay, as_json, verbosity, app_spec, dsn
     if not isinstance(data, dict):
         raise InvalidMessage("PAYLOAD must be a JSON object like '{\"to\": \"a@b.c\"}', not %s" % type(data).__name__)
     app = _app_from(app_spec, dsn)
-    message_id = app.dispatch(name, data, queue=queue, delay=delay)
+    message_id = app.dispatch(name, data, queue=queue, delay=delay, priority=priority, unique_key=unique_key)
     _echo_json({"id": message_id}) if as_json else _echo(message_id)
 
 
@@ -4484,8 +5064,11 @@ def _cmd_handlers(as_json, verbosity, app_spec, dsn):
         return _echo("no handlers registered")
     rows = [[d["name"], d["queue"], d["max_retries"], "%gs x%g" % (d["delay"], d["multiplier"]),
              "-" if d["max_delay"] is None else "%gs" % d["max_delay"], "-" if d["timeout"] is None else "%gs" % d["timeout"],
-             "yes" if d["transactional"] else "no", d["function"]] for d in described]
-    _echo(_table(rows, ["handler", "queue", "retries", "backoff", "max delay", "timeout", "transactional", "function"]))
+             "yes" if d["transactional"] else "no",
+             "%s, next %s" % (d["schedule"], _format_time(d["next_run_at"])) if d["schedule"] else "-",
+             d["function"]] for d in described]
+    _echo(_table(rows, ["handler", "queue", "retries", "backoff", "max delay", "timeout", "transactional", "schedule",
+                        "function"]))
 
 
 @_command("stats", _JSON, _WHICH, _APP)
@@ -4496,8 +5079,9 @@ def _cmd_stats(as_json, verbosity, app_spec, dsn):
     if as_json:
         return _echo_json(data)
     rows = [[q["queue"], q["ready"], q["delayed"], q["in_flight"],
-             "-" if q["oldest_ready_age_s"] is None else "%.1fs" % q["oldest_ready_age_s"]] for q in data["queues"]]
-    _echo(_table(rows, ["queue", "ready", "delayed", "in flight", "oldest ready"]))
+             "-" if q["oldest_ready_age_s"] is None else "%.1fs" % q["oldest_ready_age_s"],
+             "paused" if q.get("paused") else ""] for q in data["queues"]]
+    _echo(_table(rows, ["queue", "ready", "delayed", "in flight", "oldest ready", ""]))
     _echo("failed: %d" % data["failed"])
 
 
@@ -4509,6 +5093,61 @@ def _cmd_stop_workers(as_json, verbosity, app_spec, dsn):
     if as_json:
         return _echo_json({"asked": count})
     _echo("asked %d running worker(s) to stop after their current message" % count)
+
+
+@_command("pause", _argument("queues", nargs=-1, required=True), _JSON, _APP)
+def _cmd_pause(queues, as_json, app_spec, dsn):
+    """Stop workers taking messages from QUEUES (dispatches still store them) until `resume`."""
+    _, transport = _transport_from(app_spec, dsn)
+    for queue in queues:
+        _check_queue_name(queue)
+    transport.pause(queues)
+    _echo_json({"paused": list(queues)}) if as_json else _echo("paused %s" % ", ".join(queues))
+
+
+@_command("resume", _argument("queues", nargs=-1, required=True), _JSON, _APP)
+def _cmd_resume(queues, as_json, app_spec, dsn):
+    """Let workers take messages from QUEUES again."""
+    _, transport = _transport_from(app_spec, dsn)
+    for queue in queues:
+        _check_queue_name(queue)
+    transport.resume(queues)
+    _echo_json({"resumed": list(queues)}) if as_json else _echo("resumed %s" % ", ".join(queues))
+
+
+@_command("cancel", _argument("ids", type=int, nargs=-1, required=True), _JSON, _APP)
+def _cmd_cancel(ids, as_json, app_spec, dsn):
+    """Remove queued or delayed messages; interrupt running ones (not retried, not failed)."""
+    _, transport = _transport_from(app_spec, dsn)
+    done, errors = {}, []
+    for message_id in ids:
+        try:
+            done[message_id] = transport.cancel(message_id)
+        except UnknownMessage as exc:
+            errors.append(str(exc))
+    if as_json:
+        _echo_json({"cancelled": {str(k): v for k, v in done.items()}, "errors": errors})
+    else:
+        for message_id, how in done.items():
+            _echo("message %d %s" % (message_id, "removed" if how == "waiting" else "cancelled: its worker stops it"))
+        for error in errors:
+            _echo("jobrunner: error: %s" % error, err=True)
+    if errors:
+        sys.exit(1)
+
+
+@_command("schedule", _VERBOSITY, _option("--log-format", type="log_format", default="text", show_default=True,
+                                           help="text, or json: one object per line."), _APP)
+def _cmd_schedule(verbosity, log_format, app_spec, dsn):
+    """Enqueue the app's periodic messages at their times, in the foreground (supervise runs this itself).
+
+    Any number may run at once, on any number of hosts: each tick is enqueued once.
+    """
+    _configure_logging(verbosity, "scheduler", log_format=log_format)
+    app = _app_from(app_spec, dsn)
+    scheduler = Scheduler(app, owns_process=True)
+    scheduler.run()
+    sys.exit(scheduler.exit_code)
 
 
 # The failure queue
@@ -4700,10 +5339,13 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
                   help="Rotate supervisor.log at this size."),
           _option("--supervisor-log-backups", type="count", default=3, show_default=True,
                   help="Rotated supervisor.log files to keep."),
+          _option("--scheduler/--no-scheduler", default=True, show_default=True,
+                  help="Run the app's periodic handlers' schedule (one supervisor per database does)."),
           _LIMITS, _APP)
 def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
-                   log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, limit, failure_limit,
-                   memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format, app_spec, dsn):
+                   log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, scheduler, limit,
+                   failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format, app_spec,
+                   dsn):
     """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
 
     With no queue, the workers take every queue of the app. SIGTERM/SIGINT
@@ -4723,6 +5365,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
         log_format = section.get("log_format", log_format)
         supervisor_log_max_bytes = section.get("logfile_maxbytes", supervisor_log_max_bytes)
         supervisor_log_backups = section.get("logfile_backups", supervisor_log_backups)
+        scheduler = section.get("scheduler", scheduler)
         config_path = os.path.abspath(config_path)
     else:
         programs = [ProgramConfig(
@@ -4735,7 +5378,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
     overrides = {"heartbeat_timeout": heartbeat_timeout} if heartbeat_timeout else {}
     sys.exit(Supervisor(programs, app_spec=spec, dsn=dsn, log_dir=log_dir, settings_overrides=overrides,
                         config_path=config_path, log_format=log_format, log_max_bytes=supervisor_log_max_bytes,
-                        log_backups=supervisor_log_backups).run())
+                        log_backups=supervisor_log_backups, scheduler=scheduler).run())
 
 
 @_command("status", _JSON, _WHICH, _APP)
@@ -4760,12 +5403,13 @@ def _cmd_status(as_json, verbosity, app_spec, dsn):
 @_command("health", _option("--max-ready", type="count", help="Unhealthy above this many ready messages."),
           _option("--max-failed", type="count", help="Unhealthy above this many failed messages."),
           _option("--max-age", type="seconds", help="Unhealthy when the oldest ready message waited longer (seconds)."),
+          _option("--max-paused", type="seconds", help="Unhealthy when a queue has been paused longer (seconds)."),
           _option("--allow-no-workers", is_flag=True, help="Healthy even when no worker runs."),
           _JSON, _WHICH, _APP)
-def _cmd_health(max_ready, max_failed, max_age, allow_no_workers, as_json, verbosity, app_spec, dsn):
+def _cmd_health(max_ready, max_failed, max_age, max_paused, allow_no_workers, as_json, verbosity, app_spec, dsn):
     """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
     _, transport = _transport_from(app_spec, dsn, verbosity)
-    healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers)
+    healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers, max_paused)
     if as_json:
         _echo_json(dict({"healthy": healthy, "reasons": reasons}, **data))
     elif healthy:
@@ -4810,8 +5454,14 @@ def _log_format(text):
 
 
 # Every key each section accepts; anything else is refused, so that a typo cannot run another setup silently.
+def _boolean(text):
+    if text.lower() not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        raise ValueError(text)
+    return text.lower() in ("true", "yes", "1", "on")
+
+
 _SUPERVISE_KEYS = {"app": str, "dsn": str, "log_dir": str, "log_format": _log_format, "logfile_maxbytes": _parse_size,
-                   "logfile_backups": int}
+                   "logfile_backups": int, "scheduler": _boolean}
 _PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
                  "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
                  "log_backups": int, "stdout_logfile_backups": int, "environment": _parse_environment,

@@ -149,9 +149,9 @@ def test_stats_counts_ready_delayed_in_flight_and_failed_messages(project, app):
     ages = {q["queue"]: q.pop("oldest_ready_age_s") for q in data["queues"]}
     assert data == {
         "queues": [
-            {"queue": "async", "ready": 3, "delayed": 2, "in_flight": 0},
-            {"queue": "high", "ready": 1, "delayed": 0, "in_flight": 0},
-            {"queue": "slow", "ready": 0, "delayed": 0, "in_flight": 1},
+            {"queue": "async", "ready": 3, "delayed": 2, "in_flight": 0, "paused": False},
+            {"queue": "high", "ready": 1, "delayed": 0, "in_flight": 0, "paused": False},
+            {"queue": "slow", "ready": 0, "delayed": 0, "in_flight": 1, "paused": False},
         ],
         "failed": 1,
     }
@@ -183,8 +183,8 @@ def test_stats_of_an_empty_database_lists_the_queues_running_workers_consume(pro
     project.start("consume", "low", "high")
     wait_until(lambda: query(project.db, "SELECT COUNT(*) FROM jobrunner_workers") == [(1,)], message="a worker")
     data = json.loads(project.cli("stats", "--json").stdout)
-    assert data == {"queues": [{"queue": q, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None}
-                               for q in ("high", "low")], "failed": 0}
+    assert data == {"queues": [{"queue": q, "ready": 0, "delayed": 0, "in_flight": 0, "oldest_ready_age_s": None,
+                                "paused": False} for q in ("high", "low")], "failed": 0}
 
 
 # --- finding the app and the database ---------------------------------------------------------
@@ -482,7 +482,8 @@ def test_a_database_error_in_a_failed_command_is_one_line(project, tmp_path):
     conn = sqlite3.connect(str(odd))
     conn.executescript("CREATE TABLE messenger_messages (id INTEGER PRIMARY KEY, body TEXT);"
                        "CREATE TABLE jobrunner_workers (id INTEGER); CREATE TABLE jobrunner_processes (name TEXT);"
-                       "CREATE TABLE jobrunner_control (key TEXT); PRAGMA user_version = 1;")
+                       "CREATE TABLE jobrunner_control (key TEXT); CREATE TABLE jobrunner_schedules (name TEXT);"
+                       "PRAGMA user_version = 1;")
     conn.close()
     for args in (("failed", "show"), ("failed", "show", "3"), ("failed", "retry", "3"), ("failed", "retry", "--all"),
                  ("failed", "remove", "--all", "--force"), ("stats",), ("status",)):

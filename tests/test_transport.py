@@ -102,21 +102,25 @@ def test_connections_use_the_busy_timeout_and_journal_size_limit_of_the_dsn(tmp_
     tuned.transport.close()
 
 
-def test_claim_query_uses_the_partial_ready_index(jobs):
+def test_claim_and_next_due_queries_use_the_partial_index_in_claim_order(jobs):
     jobs.dispatch_many("note", [{"n": i} for i in range(50)])
+    jobs.dispatch_many("note", [{"n": i} for i in range(50)], priority=5)
     jobs.dispatch_many("greet", [{"to": str(i)} for i in range(50)], delay=60)
     db = jobs.settings.path
     index_sql = query(db, "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messenger_messages'")
     ready = [sql for (sql,) in index_sql if sql and "delivered_at IS NULL" in sql]
-    assert len(ready) == 1 and "queue_name, available_at" in ready[0], index_sql
+    assert len(ready) == 1 and "queue_name, priority DESC, available_at, id" in ready[0], index_sql
     index_name = ready[0].split()[2]
     conn = sqlite3.connect(db)
     conn.execute("ANALYZE")
-    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + jobs.transport.sql["claim"], (1.0, 1, "async", 2.0)).fetchall()]
+    for name, params in (("claim", (1.0, 1, "async", 2.0, "paused:async")),
+                         ("next_due", ("async", "async", "async", "paused:async"))):
+        plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + jobs.transport.sql[name], params).fetchall()]
+        assert any(("USING INDEX %s" % index_name) in line or ("USING COVERING INDEX %s" % index_name) in line
+                   for line in plan), (name, plan)
+        assert not any(("SCAN messenger_messages" in line and "INDEX" not in line) or "TEMP B-TREE" in line
+                       for line in plan), (name, plan)
     conn.close()
-    assert any(("USING INDEX %s" % index_name) in line or ("USING COVERING INDEX %s" % index_name) in line
-               for line in plan), plan
-    assert not any("SCAN" in line or "TEMP B-TREE" in line for line in plan), plan
 
 
 @pytest.mark.backends
@@ -612,7 +616,7 @@ def test_setup_adds_our_columns_to_a_table_symfony_created(tmp_path):
     assert result.returncode == 0, result.stderr
     columns = [row[1] for row in query(db, "PRAGMA table_info(messenger_messages)")]
     assert columns == ["id", "body", "headers", "queue_name", "created_at", "available_at", "delivered_at",
-                       "claimed_by", "attempts"]
+                       "claimed_by", "attempts", "priority", "unique_key"]
     app = JobRunner(str(db))
     seen = []
     app.handler("note")(lambda n: seen.append(n))
