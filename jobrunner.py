@@ -3775,7 +3775,8 @@ class Scheduler:
         self.exit_code = 0
         self._stop_reason = None
         self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_write, False)
+        for fd in (self._wake_read, self._wake_write):
+            os.set_blocking(fd, False)
         self._seen = {}  # schedule name -> the latest tick this process dealt with
 
     def stop(self, reason="asked to stop", exit_code=0):

@@ -120,3 +120,23 @@ def gate(n, path):
     while not os.path.exists(path):
         time.sleep(0.01)
     record("note", n)
+
+
+@jobs.handler(queue="slow", max_retries=3)
+def wait_forever(n):
+    """Runs until interrupted; records that it was."""
+    record("start", n)
+    try:
+        time.sleep(60)
+    except BaseException:
+        record("interrupted", n)
+        raise
+    record("note", n)
+
+
+@jobs.handler(queue="slow", transactional=True)
+def tx_wait(db, n):
+    db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
+    db.execute(sql(db, "INSERT INTO ledger (n) VALUES (?)"), (n,))
+    record("start", n)
+    time.sleep(60)
