@@ -516,6 +516,17 @@ CREATE TABLE IF NOT EXISTS jobrunner_control (
 CREATE TABLE IF NOT EXISTS jobrunner_schedules (
     name {text} PRIMARY KEY,
     last_tick {real} NOT NULL
+);
+-- Messages handled, retried and failed per minute, queue and handler, added by each worker once a second;
+-- rows older than a day are folded into the minute-0 rows, so the sums are all-time counters.
+CREATE TABLE IF NOT EXISTS jobrunner_minutes (
+    minute {real} NOT NULL,
+    queue_name {text} NOT NULL,
+    handler {text} NOT NULL,
+    handled {int} NOT NULL DEFAULT 0,
+    retried {int} NOT NULL DEFAULT 0,
+    failed {int} NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, queue_name, handler)
 )
 """
 # Indexes of older jobrunners, replaced by the ones above.
@@ -528,7 +539,8 @@ _ADDED_COLUMNS = {
     "jobrunner_workers": [("beats", "{int} NOT NULL DEFAULT 0")],
     "jobrunner_processes": [("exit_status", "{int}")],
 }
-_OUR_TABLES = ("{messages}", "jobrunner_workers", "jobrunner_processes", "jobrunner_control", "jobrunner_schedules")
+_OUR_TABLES = ("{messages}", "jobrunner_workers", "jobrunner_processes", "jobrunner_control", "jobrunner_schedules",
+               "jobrunner_minutes")
 
 _FENCE = " WHERE id = ? AND claimed_by = ? AND attempts = ?"
 _MESSAGE_COLUMNS = "id, body, headers, queue_name, created_at, available_at, delivered_at, attempts"
@@ -609,6 +621,23 @@ _SQL = {
     "schedule_start": "INSERT INTO jobrunner_schedules (name, last_tick) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
     "schedule_advance": "UPDATE jobrunner_schedules SET last_tick = ? WHERE name = ? AND last_tick < ?",
     "schedule_last": "SELECT last_tick FROM jobrunner_schedules WHERE name = ?",
+    "count_add": "INSERT INTO jobrunner_minutes (minute, queue_name, handler, handled, retried, failed) "
+                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (minute, queue_name, handler) DO UPDATE SET "
+                 "handled = jobrunner_minutes.handled + excluded.handled, "
+                 "retried = jobrunner_minutes.retried + excluded.retried, "
+                 "failed = jobrunner_minutes.failed + excluded.failed",
+    "count_fold": "INSERT INTO jobrunner_minutes (minute, queue_name, handler, handled, retried, failed) "
+                  "SELECT 0, queue_name, handler, SUM(handled), SUM(retried), SUM(failed) FROM jobrunner_minutes "
+                  "WHERE minute > 0 AND minute < ? GROUP BY queue_name, handler "
+                  "ON CONFLICT (minute, queue_name, handler) DO UPDATE SET "
+                  "handled = jobrunner_minutes.handled + excluded.handled, "
+                  "retried = jobrunner_minutes.retried + excluded.retried, "
+                  "failed = jobrunner_minutes.failed + excluded.failed",
+    "count_prune": "DELETE FROM jobrunner_minutes WHERE minute > 0 AND minute < ?",
+    "count_totals": "SELECT queue_name, handler, SUM(handled), SUM(retried), SUM(failed) FROM jobrunner_minutes "
+                    "GROUP BY queue_name, handler ORDER BY queue_name, handler",
+    "count_series": "SELECT minute, SUM(handled), SUM(failed) FROM jobrunner_minutes WHERE minute >= ? "
+                    "GROUP BY minute ORDER BY minute",
     "control_set": "INSERT INTO jobrunner_control (key, value) VALUES (?, ?) "
                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     "process_upsert": "INSERT INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
@@ -627,6 +656,7 @@ _SQL = {
 }
 
 _STOP_KEY = "stop_workers_at"
+_COUNTS_KEPT_S = 25 * 3600  # per-minute counters kept for the dashboard's last 24 h; older ones are folded
 _PAUSED = "paused:"  # + a queue name: the control row of a paused queue
 _CANCELLED_QUEUE = "cancelled"  # where a running message waits, once cancelled, for its worker to stop it
 
@@ -1156,6 +1186,29 @@ class Transport:
                 return None
             return self.send([message], conn)[0]
 
+    # Counters: handled, retried and failed per minute
+
+    def add_counts(self, counts):
+        """Add ``{(minute, queue, handler): [handled, retried, failed]}`` to the per-minute counters."""
+        with self.transaction() as conn:
+            for (minute, queue, handler), (handled, retried, failed) in counts.items():
+                conn.execute(self.sql["count_add"], (minute, queue, handler, handled, retried, failed))
+
+    def fold_counts(self, keep=_COUNTS_KEPT_S):
+        """Fold the minutes older than ``keep`` seconds into the all-time rows (minute 0)."""
+        before = math.floor((time.time() - keep) / 60) * 60
+        with self.transaction() as conn:
+            conn.execute(self.sql["count_fold"], (before,))
+            conn.execute(self.sql["count_prune"], (before,))
+
+    def count_totals(self):
+        """``(queue, handler, handled, retried, failed)`` since the database began."""
+        return [(q, h, int(a), int(b), int(c)) for q, h, a, b, c in self._rows("count_totals")]
+
+    def count_series(self, since):
+        """``(minute, handled, failed)`` of every minute since ``since`` that saw messages."""
+        return [(m, int(a), int(b)) for m, a, b in self._rows("count_series", (since,))]
+
     def last_tick(self, name):
         rows = self._rows("schedule_last", (name,), create=True)
         return rows[0][0] if rows else None
@@ -1212,6 +1265,9 @@ class Transport:
 
     def maintain(self):
         """Periodic housekeeping, run by one process per database (the supervisor, or one worker)."""
+        if time.monotonic() >= getattr(self, "_next_fold", 0.0):
+            self._next_fold = time.monotonic() + 600
+            self.fold_counts()
 
     def program_lock(self, program):
         """The lock that lets one supervisor at a time run ``program`` on this database."""
@@ -1570,6 +1626,7 @@ class SqliteTransport(Transport):
         copied everything, with no busy wait, so it gives up at once rather
         than hold writers back while readers finish.
         """
+        super().maintain()
         wal = self.path + "-wal"
         try:
             size = os.stat(wal).st_size
@@ -3125,6 +3182,8 @@ class Worker:
         self._call_frame = None
         self._cancelled = None  # the id of the running message, once it is cancelled
         self._task = None  # the running coroutine handler's task
+        self._counts = {}  # (minute, queue, handler) -> [handled, retried, failed], flushed by the heartbeat
+        self._counts_lock = threading.Lock()
         self._signals_installed = False
         self._signals_seen = 0
         self._stop_announced = False
@@ -3330,7 +3389,11 @@ class Worker:
             _log.info("stopping: %s", self._stop_reason)
 
     def _finish(self, outcome):
-        """Settle the last outcome and leave the registry; never raises."""
+        """Settle the last outcome, write the last counts and leave the registry; never raises."""
+        with contextlib.suppress(JobRunnerError):
+            counts = self.take_counts()
+            if counts:
+                self.transport.add_counts(counts)
         try:
             if outcome is not None and not self.transport.settle(outcome):
                 _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
@@ -3513,8 +3576,31 @@ class Worker:
             if not task.done():
                 task.cancel()
 
+    def _count(self, delivery, name, column):
+        key = (time.time() // 60 * 60, delivery.queue, name or "?")
+        with self._counts_lock:
+            row = self._counts.get(key)
+            if row is None:
+                row = self._counts[key] = [0, 0, 0]
+            row[column] += 1
+
+    def take_counts(self):
+        """The outcomes counted since the last call, for the per-minute counters."""
+        with self._counts_lock:
+            counts, self._counts = self._counts, {}
+        return counts
+
+    def give_back_counts(self, counts):
+        """Counts that could not be written: added again, for the next try."""
+        with self._counts_lock:
+            for key, values in counts.items():
+                row = self._counts.setdefault(key, [0, 0, 0])
+                for i, value in enumerate(values):
+                    row[i] += value
+
     def _succeeded(self, delivery, handler, started, headers, payload):
         self.handled += 1
+        self._count(delivery, handler.name, 0)
         if _log.isEnabledFor(_VERBOSE):
             _log.log(_VERBOSE, "message %d handled by %s in %.1f ms (attempt %d)", delivery.id, handler.name,
                      (time.perf_counter() - started) * 1000, delivery.attempts,
@@ -3527,6 +3613,7 @@ class Worker:
         self.failed += 1
         outcome = _failure_outcome(delivery, retry, headers, exc)
         kind = "retry" if outcome.kind == "retry" else "failure"
+        self._count(delivery, name, 1 if kind == "retry" else 2)
         if self.app._hooks[kind]:
             self.app._call_hooks(kind, _hook_envelope(delivery, name, headers, payload), exc)
         error = "%s: %s" % (_error_class(exc), exc)
@@ -3542,6 +3629,8 @@ class Worker:
 
     def _poison(self, delivery, headers, reason, error_class="InvalidMessage", attempts=None):
         self.failed += 1
+        name = headers.get("handler")
+        self._count(delivery, name if isinstance(name, str) else None, 2)
         _log.error("message %d moved to the failure queue: %s", delivery.id, reason,
                    extra={"event": "failure", "message_id": delivery.id})
         if self.app._hooks["failure"]:
@@ -3681,6 +3770,13 @@ class _Heartbeat(threading.Thread):
                                              current[0].id if current else None)
         if current is not None and self.transport.is_cancelled(current[0].id):
             worker.cancel_current(current[0].id)
+        counts = worker.take_counts()
+        if counts:
+            try:
+                self.transport.add_counts(counts)
+            except JobRunnerError:
+                worker.give_back_counts(counts)
+                raise
         if not alive:
             # Declared dead (frozen past the timeout): our claim was released, and our ack would be refused.
             worker.stop("this worker was declared dead after missing its heartbeats", exit_code=1)
@@ -4827,6 +4923,65 @@ def _check_health(transport, max_ready=None, max_failed=None, max_age=None, allo
     return not reasons, reasons, report
 
 
+def _metric_labels(labels):
+    def escape(value):
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    return "{%s}" % ",".join('%s="%s"' % (k, escape(v)) for k, v in labels) if labels else ""
+
+
+_METRICS = (
+    # name, type, help
+    ("jobrunner_queue_ready_messages", "gauge", "Messages ready to be handled, per queue."),
+    ("jobrunner_queue_delayed_messages", "gauge", "Messages not due yet (delayed, or waiting for a retry), per queue."),
+    ("jobrunner_queue_in_flight_messages", "gauge", "Messages claimed by a worker, per queue."),
+    ("jobrunner_queue_paused", "gauge", "1 when the queue is paused."),
+    ("jobrunner_queue_oldest_ready_age_seconds", "gauge", "How long the oldest ready message has waited."),
+    ("jobrunner_failed_messages", "gauge", "Messages in the failure queue."),
+    ("jobrunner_process_state", "gauge", "1 for the state each supervised process or worker is in."),
+    ("jobrunner_process_resident_memory_bytes", "gauge", "Resident memory of each worker."),
+    ("jobrunner_messages_handled_total", "counter", "Messages handled, per queue and handler."),
+    ("jobrunner_messages_retried_total", "counter", "Failed attempts that will be retried, per queue and handler."),
+    ("jobrunner_messages_failed_total", "counter", "Messages moved to the failure queue, per queue and handler."),
+)
+
+
+def _metrics_text(transport):
+    """Everything `/metrics` says, in Prometheus' text format."""
+    stats = transport.stats()
+    processes = _read_status(transport)["processes"]
+    totals = transport.count_totals()
+    samples = {name: [] for name, _, _ in _METRICS}
+    for q in stats["queues"]:
+        labels = (("queue", q["queue"]),)
+        samples["jobrunner_queue_ready_messages"].append((labels, q["ready"]))
+        samples["jobrunner_queue_delayed_messages"].append((labels, q["delayed"]))
+        samples["jobrunner_queue_in_flight_messages"].append((labels, q["in_flight"]))
+        samples["jobrunner_queue_paused"].append((labels, int(bool(q.get("paused")))))
+        samples["jobrunner_queue_oldest_ready_age_seconds"].append((labels, q["oldest_ready_age_s"] or 0))
+    samples["jobrunner_failed_messages"].append(((), stats["failed"]))
+    for p in processes:
+        labels = (("process", p["name"]), ("program", p["program"] or ""))
+        samples["jobrunner_process_state"].append((labels + (("state", p["state"]),), 1))
+        if p["rss_bytes"] is not None:
+            samples["jobrunner_process_resident_memory_bytes"].append((labels, p["rss_bytes"]))
+    for queue, handler, handled, retried, failed in totals:
+        labels = (("queue", queue), ("handler", handler))
+        samples["jobrunner_messages_handled_total"].append((labels, handled))
+        samples["jobrunner_messages_retried_total"].append((labels, retried))
+        samples["jobrunner_messages_failed_total"].append((labels, failed))
+    lines = []
+    for name, kind, text in _METRICS:
+        lines.append("# HELP %s %s" % (name, text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        lines.extend("%s%s %s" % (name, _metric_labels(labels), _metric_value(value)) for labels, value in samples[name])
+    return "\n".join(lines) + "\n"
+
+
+def _metric_value(value):
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
 # --- The command line -----------------------------------------------------------
 #
 # Each command is a plain function here, declared with the parameters it takes;
@@ -5622,6 +5777,288 @@ def _cli():
         else:
             groups[parent].command(name, help=fn.__doc__)(callback)
     return root
+
+
+# --- The web dashboard ------------------------------------------------------------
+#
+# A threaded server from the standard library: one page (inlined below), a small JSON API over the same
+# functions the command line uses, and /metrics.  On loopback, reading needs no token; off loopback every
+# request does; a request that changes something always needs `Authorization: Bearer <token>` (the page
+# sends it; no cookie is ever used, so no other site can make a browser send it).
+
+
+def _web_error(status, message):
+    return status, {"error": message}
+
+
+class _Dashboard:
+    """What the web server answers, request by request, over one transport."""
+
+    def __init__(self, transport, token, loopback, queue_of=None):
+        self.transport = transport
+        self.token = token
+        self.loopback = loopback
+        self.queue_of = queue_of
+
+    def authorized(self, headers, query, writing):
+        import hmac
+
+        bearer = headers.get("Authorization", "")
+        given = bearer[7:] if bearer.startswith("Bearer ") else None
+        if given is not None:
+            return hmac.compare_digest(given.encode(), self.token.encode())
+        if writing:
+            return False
+        if self.loopback:
+            return True
+        offered = query.get("token", [""])[0]
+        return bool(offered) and hmac.compare_digest(offered.encode(), self.token.encode())
+
+    def get(self, path, query):
+        if path == "/api/stats":
+            return 200, self.transport.stats()
+        if path == "/api/status":
+            return 200, _read_status(self.transport)
+        if path == "/api/throughput":
+            return 200, self.throughput(query.get("range", ["1h"])[0])
+        if path == "/api/failed":
+            return 200, self.failed(query)
+        match = re.fullmatch(r"/api/failed/(\d{1,18})", path)
+        if match:
+            found = self.transport.failed(ids=[int(match.group(1))])
+            if not found:
+                return _web_error(404, "no failed message with id %s" % match.group(1))
+            e = found[0]
+            return 200, dict(_envelope_summary(e), payload=e.payload, headers=e.headers, created_at=e.created_at)
+        return _web_error(404, "no such page: %s" % path)
+
+    def throughput(self, span):
+        seconds, step = {"1h": (3600, 60), "24h": (86400, 600)}.get(span, (None, None))
+        if seconds is None:
+            raise InvalidMessage("range must be 1h or 24h, not %r" % span)
+        since = (time.time() - seconds) // step * step
+        buckets = {}
+        for minute, handled, failed in self.transport.count_series(since):
+            bucket = buckets.setdefault(minute // step * step, [0, 0])
+            bucket[0] += handled
+            bucket[1] += failed
+        return {"range": span, "step_s": step, "points": [[t, h, f] for t, (h, f) in sorted(buckets.items())]}
+
+    def failed(self, query):
+        def number(key, default, most):
+            try:
+                return max(0, min(most, int(query.get(key, [default])[0])))
+            except ValueError:
+                raise InvalidMessage("%s must be a whole number" % key) from None
+
+        offset, limit = number("offset", 0, 10 ** 9), number("limit", 50, 1000)
+        matches = _failed_filter(*self.filters(query))
+        if matches is None:
+            total = self.transport.failed_count()
+            envelopes = self.transport.failed(limit=offset + limit)[offset:]
+        else:
+            chosen = [e for e in self.transport.failed() if matches(e)]
+            total, envelopes = len(chosen), chosen[offset:offset + limit]
+        return {"failed": [_envelope_summary(e) for e in envelopes], "total": total}
+
+    @staticmethod
+    def filters(source):
+        def values(key):
+            value = source.get(key)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return (value,) if isinstance(value, str) and value.strip() else ()
+
+        return values("handler"), values("error"), (), None, None
+
+    def post(self, path, body):
+        if path in ("/api/failed/retry", "/api/failed/remove"):
+            return 200, self.act_on_failed(path.rsplit("/", 1)[1], body)
+        match = re.fullmatch(r"/api/queues/([^/]+)/(pause|resume)", path)
+        if match:
+            queue = _check_queue_name(urllib.parse.unquote(match.group(1)))
+            getattr(self.transport, match.group(2))([queue])
+            return 200, {"queue": queue, "paused": match.group(2) == "pause"}
+        match = re.fullmatch(r"/api/messages/(\d{1,18})/cancel", path)
+        if match:
+            try:
+                return 200, {"id": int(match.group(1)), "cancelled": self.transport.cancel(int(match.group(1)))}
+            except UnknownMessage as exc:
+                return _web_error(404, str(exc))
+        if path == "/api/stop-workers":
+            return 200, {"asked": self.transport.request_stop()}
+        return _web_error(404, "no such action: %s" % path)
+
+    def act_on_failed(self, verb, body):
+        if not isinstance(body, dict):
+            raise InvalidMessage("the body must be a JSON object with ids or all")
+        ids = body.get("ids")
+        if body.get("all") is True:
+            matches = _failed_filter(*self.filters(body))
+            targets = sorted(e.id for e in self.transport.failed() if matches is None or matches(e))
+        elif isinstance(ids, list) and ids and all(type(i) is int for i in ids):
+            targets = self.transport.check_failed_ids(ids)
+        else:
+            raise InvalidMessage('give {"ids": [1, 2]} or {"all": true}')
+        done, left = 0, {}
+        for start in range(0, len(targets), _BATCH):
+            chunk = targets[start:start + _BATCH]
+            with self.transport.transaction(self.transport.connection(create=False)) as conn:
+                if verb == "retry":
+                    moved, stayed = self.transport.requeue_failed(chunk, conn, self.queue_of)
+                    done += moved
+                    left.update((str(k), v) for k, v in stayed.items())
+                else:
+                    done += self.transport.remove_failed(chunk, conn)
+        answer = {"requeued" if verb == "retry" else "removed": done}
+        if left:
+            answer["left"] = left
+        return answer
+
+
+def _web_handler(dashboard, page):
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "jobrunner/" + __version__
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):
+            _log.log(_VERBOSE, "web %s - %s", self.address_string(), fmt % args)
+
+        def do_GET(self):
+            self.respond(writing=False)
+
+        def do_POST(self):
+            self.respond(writing=True)
+
+        def respond(self, writing):
+            parts = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(parts.query)
+            try:
+                if not self.host_allowed():
+                    return self.send(421, {"error": "this server answers to its own address only"})
+                if not dashboard.authorized(self.headers, query, writing):
+                    status = 403 if self.headers.get("Authorization") else 401
+                    return self.send(status, {"error": "a valid token is needed (Authorization: Bearer TOKEN%s)"
+                                              % ("" if writing else ", or ?token=TOKEN")})
+                if writing:
+                    status, data = dashboard.post(parts.path, self.body())
+                elif parts.path == "/":
+                    return self.send(200, page, "text/html; charset=utf-8")
+                elif parts.path == "/metrics":
+                    return self.send(200, _metrics_text(dashboard.transport), "text/plain; version=0.0.4; charset=utf-8")
+                else:
+                    status, data = dashboard.get(parts.path, query)
+                self.send(status, data)
+            except (InvalidMessage, UnknownMessage, ConfigurationError) as exc:
+                self.send(400 if not isinstance(exc, UnknownMessage) else 404, {"error": str(exc)})
+            except JobRunnerError as exc:
+                self.send(503, {"error": str(exc)})
+            finally:
+                dashboard.transport.close()  # this request's thread ends here: so does its connection
+
+        def host_allowed(self):
+            # on loopback, only the loopback names: a page elsewhere cannot rebind a name to 127.0.0.1
+            if not dashboard.loopback:
+                return True
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+            return host in ("localhost", "127.0.0.1", "::1", "")
+
+        def body(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MIB:
+                raise InvalidMessage("request body over 1 MiB")
+            raw = self.rfile.read(length) if length else b"{}"
+            try:
+                return json.loads(raw or b"{}")
+            except (ValueError, RecursionError):
+                raise InvalidMessage("the request body is not JSON") from None
+
+        def send(self, status, data, content_type="application/json"):
+            body = data if isinstance(data, (bytes, str)) else json.dumps(data, default=str)
+            body = body.encode("utf-8") if isinstance(body, str) else body
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                             "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+                             "frame-ancestors 'none'")
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def _is_loopback(host):
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_dashboard(transport, host="127.0.0.1", port=8080, token=None, queue_of=None, ready=None):
+    """Serve the dashboard until interrupted.  A host off loopback needs a token."""
+    import secrets
+    from http.server import ThreadingHTTPServer
+
+    loopback = _is_loopback(host)
+    if not token and not loopback:
+        raise ConfigurationError("serving on %s, off loopback, needs a token: --token or JOBRUNNER_WEB_TOKEN" % host)
+    token = token or secrets.token_urlsafe(24)
+    dashboard = _Dashboard(transport, token, loopback, queue_of)
+    server = ThreadingHTTPServer((host, port), _web_handler(dashboard, _DASHBOARD_PAGE))
+    server.daemon_threads = True
+    url = "http://%s:%d/?token=%s" % ("[%s]" % host if ":" in host else host, server.server_address[1], token)
+    if ready is not None:
+        ready(url)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    finally:
+        server.server_close()
+
+
+@_command("web", _option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+          _option("--port", type=int, default=8080, show_default=True, help="Port (0: any free one)."),
+          _option("--token", envvar="JOBRUNNER_WEB_TOKEN", help="Token the page and the API ask for (default: a new "
+                  "one on loopback; required elsewhere). Also $JOBRUNNER_WEB_TOKEN."),
+          _VERBOSITY, _APP)
+def _cmd_web(host, port, token, verbosity, app_spec, dsn):
+    """Serve the dashboard, its JSON API and /metrics; print its URL (with the token)."""
+    _configure_logging(verbosity, "web")
+    app, transport = _transport_from(app_spec, dsn)
+    transport.connection(create=False)  # a database that is not one: say so now, not on the first request
+
+    def announce(url):
+        _echo("jobrunner web on %s\n    %s" % (transport.where, url))
+        _flush_std_streams()
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        serve_dashboard(transport, host, port, token, app.queue_of if app else None, announce)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise ConfigurationError("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@_command("metrics", _WHICH, _APP)
+def _cmd_metrics(verbosity, app_spec, dsn):
+    """Print the queues, processes and counters in Prometheus' text format."""
+    _, transport = _transport_from(app_spec, dsn, verbosity)
+    sys.stdout.write(_metrics_text(transport))
+
+
+_DASHBOARD_PAGE = """<!doctype html><title>jobrunner</title><p>the dashboard page</p>"""
 
 
 # --- main() -------------------------------------------------------------------
