@@ -747,9 +747,14 @@ class Transport:
             try:
                 if create:
                     self._ensure_schema(conn)
-                elif not self._has_schema(conn):
-                    raise StorageError("%s has no jobrunner tables: run `jobrunner setup` (or dispatch a message) first"
-                                       % self.where)
+                else:
+                    state = self._schema_state(conn)
+                    if state == "none":
+                        raise StorageError("%s has no jobrunner tables: run `jobrunner setup` (or dispatch a message) "
+                                           "first" % self.where)
+                    if state == "older" or self._missing_columns(conn):
+                        raise StorageError("%s was set up by another jobrunner version: run `jobrunner setup` (or "
+                                           "start a worker) to bring its tables up to date" % self.where)
             except self.driver_errors as exc:
                 self.reconnect()
                 raise self._error(exc) from None
@@ -813,6 +818,17 @@ class Transport:
             conn.execute("DROP INDEX IF EXISTS %s" % index.format(**types))
 
     def _has_schema(self, conn):
+        return self._schema_state(conn) == "complete"
+
+    def _schema_state(self, conn):
+        """``complete``, ``older`` (some of our tables: another jobrunner version made them) or ``none``."""
+        names = self._table_names(conn)
+        ours = [t.format(messages=self.table) for t in _OUR_TABLES]
+        if all(t in names for t in ours):
+            return "complete"
+        return "older" if ours[0] in names and "jobrunner_workers" in names else "none"
+
+    def _table_names(self, conn):
         raise NotImplementedError
 
     def _missing_columns(self, conn):
@@ -1537,10 +1553,9 @@ class SqliteTransport(Transport):
     def _error(self, exc):
         return _sqlite_error(exc, self.path)
 
-    def _has_schema(self, conn):
+    def _table_names(self, conn):
         # Our tables, from sqlite_master: the app's PRAGMA user_version is the app's, never ours.
-        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
-        return {t.format(messages=self.table) for t in _OUR_TABLES} <= names
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
 
     def _columns(self, conn, table):
         return {row[1] for row in conn.execute("PRAGMA table_info(%s)" % table).fetchall()}
@@ -1937,10 +1952,9 @@ class PostgresTransport(Transport):
     def _in_transaction(self, conn):
         return conn.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
 
-    def _has_schema(self, conn):
-        names = {row[0] for row in conn.execute(
+    def _table_names(self, conn):
+        return {row[0] for row in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()").fetchall()}
-        return {t.format(messages=self.table) for t in _OUR_TABLES} <= names
 
     def _columns(self, conn, table):
         return {row[0]: row[1] for row in conn.execute(
@@ -6058,7 +6072,735 @@ def _cmd_metrics(verbosity, app_spec, dsn):
     sys.stdout.write(_metrics_text(transport))
 
 
-_DASHBOARD_PAGE = """<!doctype html><title>jobrunner</title><p>the dashboard page</p>"""
+_DASHBOARD_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'">
+<title>jobrunner</title>
+<style>
+  :root { --fg: #1f2328; --muted: #656d76; --line: #d0d7de; --soft: #f6f8fa; --blue: #4a7fc1; --red: #cf222e; }
+  * { box-sizing: border-box; }
+  [hidden] { display: none !important; }
+  body { margin: 0 auto; max-width: 1200px; padding: 0 16px 48px; color: var(--fg); background: #fff;
+         font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+  header.top { position: sticky; top: 0; z-index: 2; background: #fff; padding: 10px 0 6px; border-bottom: 1px solid var(--line); }
+  h1 { font-size: 22px; margin: 0; }
+  h1 small { font-size: 13px; font-weight: normal; color: var(--muted); margin-left: 8px; }
+  h2 { font-size: 18px; margin: 28px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+  h3 { font-size: 15px; margin: 16px 0 8px; }
+  h4 { font-size: 13px; margin: 12px 0 4px; color: var(--muted); }
+  nav a { color: var(--blue); margin-right: 10px; text-decoration: none; }
+  .status-line { margin: 4px 0 0; min-height: 20px; }
+  .muted { color: var(--muted); }
+  #message { margin-left: 12px; } #message.ok { color: #1a7f37; }
+  #message.error, #cancel-result.error { color: var(--red); }
+  .banner { margin-top: 6px; padding: 6px 10px; border: 1px solid #ffb3b3; background: #ffebe9; color: #82071e; border-radius: 4px; }
+  .banner button { float: right; border: 0; background: none; font-size: 16px; line-height: 1; }
+  table.data { border-collapse: collapse; width: 100%; margin: 6px 0; }
+  table.data th, table.data td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
+  table.data th { background: var(--soft); font-weight: 600; white-space: nowrap; }
+  table.data .num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+  section { scroll-margin-top: 100px; }
+  table.data td.when { white-space: nowrap; }
+  tr.paused td { background: #fff8e1; }
+  td.message { max-width: 520px; overflow-wrap: anywhere; }
+  td.state-RUNNING { color: #1a7f37; background: #dafbe1; font-weight: 600; }
+  td.state-BACKOFF { color: #7d4e00; background: #fff3c4; font-weight: 600; }
+  td.state-FATAL, td.state-UNKNOWN { color: #a40e26; background: #ffebe9; font-weight: 600; }
+  td.state-STARTING, td.state-STOPPING, td.state-EXITED, td.state-STOPPED { color: #57606a; background: #eaeef2; }
+  button { font: inherit; padding: 3px 10px; border: 1px solid var(--line); border-radius: 4px; background: var(--soft); cursor: pointer; }
+  button:hover:not(:disabled) { background: #eaeef2; }
+  button:disabled { opacity: .5; cursor: default; }
+  button.danger { color: var(--red); }
+  button.show { border: 0; background: none; padding: 0; color: var(--blue); text-decoration: underline; }
+  button[aria-pressed="true"] { background: #ddf4ff; border-color: #54aeff; }
+  input { font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 4px; }
+  .row { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin: 8px 0; }
+  .chart { border: 1px solid var(--line); border-radius: 4px; padding: 4px; min-height: 120px; }
+  .chart svg { display: block; width: 100%; height: auto; }
+  .chart .axis { stroke: #8c959f; } .chart .grid { stroke: var(--line); stroke-dasharray: 3 3; }
+  .chart .bar-handled { fill: var(--blue); } .chart .bar-failed { fill: var(--red); }
+  .chart .hit { fill: transparent; } .chart .hit:hover { fill: rgba(0, 0, 0, .06); }
+  .chart text { font-size: 11px; fill: var(--muted); }
+  .swatch { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; vertical-align: middle; }
+  .swatch.handled { background: var(--blue); margin-left: 0; } .swatch.failed { background: var(--red); }
+  .detail { margin-top: 14px; padding: 10px 14px; border: 1px solid var(--line); border-radius: 6px; background: var(--soft); }
+  .detail dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 8px 0; }
+  .detail dt { color: var(--muted); } .detail dd { margin: 0; overflow-wrap: anywhere; }
+  pre { margin: 0; padding: 8px; background: #fff; border: 1px solid var(--line); border-radius: 4px; max-height: 360px;
+        overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; }
+</style>
+</head>
+<body>
+<header class="top">
+  <h1>jobrunner <small id="where"></small></h1>
+  <nav><a href="#overview">Overview</a><a href="#processes">Processes</a><a href="#failed">Failed</a><a href="#control">Control</a></nav>
+  <p class="status-line"><span id="updated" class="muted">last updated —</span><span id="message" role="status" aria-live="polite"></span></p>
+  <div id="error-banner" class="banner" role="alert" hidden>
+    <button type="button" data-action="dismiss-error" aria-label="dismiss">×</button><span id="error-text"></span>
+  </div>
+</header>
+
+<section id="overview">
+  <h2>Overview</h2>
+  <table class="data">
+    <thead><tr><th>queue</th><th class="num">ready</th><th class="num">delayed</th><th class="num">in flight</th>
+      <th class="num">oldest ready</th><th>paused</th><th></th></tr></thead>
+    <tbody id="queues-body"><tr><td colspan="7" class="muted">loading…</td></tr></tbody>
+  </table>
+  <p>Failed messages: <strong id="failed-count">—</strong> <a href="#failed">(list)</a></p>
+  <div class="row"><h3>Throughput</h3>
+    <button type="button" data-range="1h" aria-pressed="true">last hour</button>
+    <button type="button" data-range="24h" aria-pressed="false">last 24 h</button></div>
+  <div id="chart" class="chart"></div>
+  <p><span class="swatch handled"></span>handled<span class="swatch failed"></span>failed
+    <span id="chart-summary" class="muted"></span></p>
+</section>
+
+<section id="processes">
+  <h2>Processes</h2>
+  <table class="data">
+    <thead><tr><th>name</th><th>program</th><th>state</th><th class="num">pid</th><th class="num">uptime</th>
+      <th class="num">handled</th><th class="num">failed</th><th class="num">RSS (MB)</th><th class="num">last beat</th></tr></thead>
+    <tbody id="processes-body"><tr><td colspan="9" class="muted">loading…</td></tr></tbody>
+  </table>
+  <p><button type="button" id="stop-workers" class="danger" data-action="stop-workers">Stop workers</button>
+    <span class="muted">each worker finishes its current message, then exits</span></p>
+</section>
+
+<section id="failed">
+  <h2>Failed messages</h2>
+  <form id="filter-form" class="row" autocomplete="off">
+    <label>handler <input id="filter-handler" type="search" maxlength="200"></label>
+    <label>error class <input id="filter-error" type="search" maxlength="200"></label>
+    <button type="submit" id="filter-button">Search</button>
+    <button type="button" data-action="clear-filter">Clear</button>
+  </form>
+  <div class="row">
+    <button type="button" data-action="retry-selected">Retry selected</button>
+    <button type="button" data-action="remove-selected" class="danger">Remove selected</button>
+    <button type="button" data-action="retry-all">Retry all</button>
+    <button type="button" data-action="remove-all" class="danger">Remove all</button>
+    <span id="filter-note" class="muted"></span>
+  </div>
+  <table class="data">
+    <thead><tr><th><input type="checkbox" id="select-page" aria-label="select every message on this page"></th>
+      <th>id</th><th>handler</th><th>queue</th><th>error</th><th class="num">attempts</th><th>failed at</th></tr></thead>
+    <tbody id="failed-body"><tr><td colspan="7" class="muted">loading…</td></tr></tbody>
+  </table>
+  <div class="row">
+    <button type="button" id="failed-prev" data-action="prev-page" disabled>Previous</button>
+    <span id="failed-range">—</span>
+    <button type="button" id="failed-next" data-action="next-page" disabled>Next</button>
+  </div>
+
+  <section id="detail" class="detail" hidden>
+    <div class="row">
+      <h3 id="detail-title">message</h3>
+      <button type="button" id="detail-retry" data-action="retry-one">Retry</button>
+      <button type="button" id="detail-remove" data-action="remove-one" class="danger">Remove</button>
+      <button type="button" id="detail-close" data-action="close-detail">Close</button>
+    </div>
+    <dl id="detail-fields"></dl>
+    <h4>payload</h4><pre id="detail-payload"></pre>
+    <h4>traceback</h4><pre id="detail-traceback"></pre>
+    <h4>other headers</h4><pre id="detail-headers"></pre>
+  </section>
+</section>
+
+<section id="control">
+  <h2>Control</h2>
+  <form id="cancel-form" class="row" autocomplete="off">
+    <label>message id <input id="cancel-id" type="text" inputmode="numeric" size="12" maxlength="18"></label>
+    <button type="submit" id="cancel-button">Cancel message</button>
+  </form>
+  <p id="cancel-result" aria-live="polite"></p>
+  <p class="muted">A waiting message is taken off its queue; a running one is interrupted.</p>
+</section>
+
+<script>
+(function () {
+  'use strict';
+
+  // ---- constants and state -------------------------------------------------------------
+  const PAGE_SIZE = 50, REFRESH_MS = 5000, TIMEOUT_MS = 20000;
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const STATES = ['RUNNING', 'STARTING', 'BACKOFF', 'STOPPING', 'EXITED', 'FATAL', 'STOPPED', 'UNKNOWN'];
+  const RANGES = { '1h': { seconds: 3600, step: 60, label: 'last hour', per: 'per minute' },
+                   '24h': { seconds: 86400, step: 600, label: 'last 24 h', per: 'per 10 minutes' } };
+
+  const state = {
+    token: '', range: '1h', refreshing: false, bannerSource: null,
+    failed: { offset: 0, total: 0, shown: 0, handler: '', error: '', seq: 0 },
+    detail: { id: null, seq: 0 },
+  };
+
+  // ---- small helpers -------------------------------------------------------------------
+  // attrs: an object whose keys are attribute names written in this file, never taken from data;
+  // text goes in with textContent only
+  function fill(node, attrs, text) {
+    if (attrs) Object.keys(attrs).forEach((name) => node.setAttribute(name, String(attrs[name])));
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function el(tag, attrs, text) { return fill(document.createElement(tag), attrs, text); }
+  function svg(tag, attrs, text) { return fill(document.createElementNS(SVG_NS, tag), attrs, text); }
+
+  function td(text, cls) { return el('td', cls ? { class: cls } : null, text); }
+  function byId(id) { return document.getElementById(id); }
+  function str(v) { return v === null || v === undefined ? '' : String(v); }
+  function pad2(n) { return n < 10 ? '0' + n : String(n); }
+
+  // every number shown goes through num(): anything that is not a finite number becomes null
+  function num(v) {
+    if (v === null || v === undefined || v === '' || typeof v === 'boolean') return null;
+    const n = Number(v);
+    return Number.isFinite(n) ? n : null;
+  }
+
+  function toId(v) {
+    const n = typeof v === 'string' && /^[0-9]{1,18}$/.test(v.trim()) ? Number(v.trim()) : v;
+    return typeof n === 'number' && Number.isSafeInteger(n) && n >= 0 ? n : null;
+  }
+
+  function fmtInt(v) { const n = num(v); return n === null ? '—' : Math.round(n).toLocaleString('en-US'); }
+  function fmtMB(v) { const n = num(v); return n === null ? '—' : (n / 1e6).toFixed(1); }
+  function plural(n, word) { return fmtInt(n) + ' ' + word + (Number(n) === 1 ? '' : 's'); }
+  function fmtHMS(d) { return pad2(d.getHours()) + ':' + pad2(d.getMinutes()) + ':' + pad2(d.getSeconds()); }
+  function fmtHM(unix) { const d = new Date(unix * 1000); return pad2(d.getHours()) + ':' + pad2(d.getMinutes()); }
+
+  function fmtClock(v) {  // h:mm:ss
+    const n = num(v);
+    if (n === null) return '—';
+    const s = Math.max(0, Math.floor(n));
+    return Math.floor(s / 3600) + ':' + pad2(Math.floor(s / 60) % 60) + ':' + pad2(s % 60);
+  }
+
+  function fmtAge(v) {
+    const n = num(v);
+    if (n === null) return '—';
+    return n < 10 ? Math.max(0, n).toFixed(1) + ' s' : (n < 120 ? Math.round(n) + ' s' : fmtClock(n));
+  }
+
+  function fmtDateTime(v) {  // local time, YYYY-MM-DD HH:MM:SS
+    const n = num(v);
+    const d = new Date(n === null ? NaN : n * 1000);
+    if (isNaN(d.getTime())) return '—';
+    return d.getFullYear() + '-' + pad2(d.getMonth() + 1) + '-' + pad2(d.getDate()) + ' ' + fmtHMS(d);
+  }
+
+  // control characters (line breaks, tabs) become spaces, runs of spaces one space
+  function oneLine(text) {
+    return Array.from(str(text), (c) => (c < ' ' ? ' ' : c)).join('').replace(/ +/g, ' ').trim();
+  }
+
+  function shorten(text, max) {
+    const chars = Array.from(oneLine(text));
+    return chars.length <= max ? chars.join('') : chars.slice(0, max - 1).join('') + '…';
+  }
+
+  function objects(list) { return Array.isArray(list) ? list.filter((x) => x && typeof x === 'object') : []; }
+
+  function prettyJSON(value) {
+    if (value === undefined) return '(none)';
+    try { return JSON.stringify(value, null, 2); } catch (err) { return str(value); }
+  }
+
+  // ---- messages and errors -------------------------------------------------------------
+  function say(text, isError) { fill(byId('message'), { class: isError ? 'error' : 'ok' }, text); }
+  function errorText(err) { return shorten(err && err.message ? err.message : str(err) || 'unknown error', 400); }
+
+  function showError(err, source) {
+    const text = errorText(err);
+    say('error: ' + text, true);
+    byId('error-text').textContent = text;
+    byId('error-banner').hidden = false;
+    state.bannerSource = source || 'action';
+  }
+
+  function hideBanner() { byId('error-banner').hidden = true; state.bannerSource = null; }
+
+  // ---- the API ---------------------------------------------------------------------------
+  async function api(method, path, body) {
+    const headers = { 'Accept': 'application/json' };
+    if (state.token) headers['Authorization'] = 'Bearer ' + state.token;
+    const init = { method: method, headers: headers, credentials: 'omit', cache: 'no-store' };
+    if (method === 'POST') {
+      headers['Content-Type'] = 'application/json';
+      if (body !== undefined) init.body = JSON.stringify(body);
+    }
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), TIMEOUT_MS);
+    init.signal = controller.signal;
+    let response, text;
+    try {
+      response = await fetch(path, init);
+      text = await response.text();
+    } catch (err) {
+      throw new Error(err && err.name === 'AbortError' ? 'no answer in time from ' + path
+                                                        : 'cannot reach the server (' + errorText(err) + ')');
+    } finally {
+      clearTimeout(timer);
+    }
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch (err) { data = null; }
+    if (!response.ok) {
+      let why = data && typeof data.error === 'string' ? data.error : 'HTTP ' + response.status + ' from ' + path;
+      if (response.status === 401 && !state.token) why += ' (the address had no ?token=: open the link "jobrunner web" printed)';
+      throw new Error(oneLine(why));
+    }
+    if (data === null || typeof data !== 'object') throw new Error('the server did not answer JSON for ' + path);
+    return data;
+  }
+
+  function queuePath(name, verb) {
+    if (!name || name === '.' || name === '..') throw new Error('this queue name cannot be used in a URL');
+    return '/api/queues/' + encodeURIComponent(name) + '/' + verb;
+  }
+
+  // ---- overview: queues ----------------------------------------------------------------
+  async function loadStats() {
+    const data = await api('GET', '/api/stats');
+    setRows('queues-body', objects(data.queues).map(queueRow), 7, 'no queues');
+    byId('failed-count').textContent = fmtInt(data.failed);
+    if (typeof data.where === 'string') byId('where').textContent = data.where;
+  }
+
+  function queueRow(q) {
+    const name = str(q.queue);
+    const paused = q.paused === true;
+    const tr = el('tr', paused ? { class: 'paused' } : null);
+    const last = el('td');
+    last.appendChild(el('button', { type: 'button', 'data-action': paused ? 'resume' : 'pause', 'data-queue': name },
+                        paused ? 'Resume' : 'Pause'));
+    tr.append(td(name), td(fmtInt(q.ready), 'num'), td(fmtInt(q.delayed), 'num'), td(fmtInt(q.in_flight), 'num'),
+              td(fmtAge(q.oldest_ready_age_s), 'num'), td(paused ? 'yes' : 'no'), last);
+    return tr;
+  }
+
+  // the rows of a table body, or one line that says it is empty
+  function setRows(bodyId, rows, span, emptyText) {
+    if (!rows.length) rows.push(el('tr').appendChild(el('td', { colspan: span, class: 'muted' }, emptyText)).parentNode);
+    byId(bodyId).replaceChildren(...rows);
+  }
+
+  async function setPaused(name, pause) {
+    const data = await api('POST', queuePath(name, pause ? 'pause' : 'resume'));
+    say('queue ' + str(data.queue || name) + (data.paused ? ' paused' : ' resumed'));
+    await loadStats();
+  }
+
+  // ---- overview: throughput chart ------------------------------------------------------
+  async function loadChart() {
+    const range = state.range;
+    const data = await api('GET', '/api/throughput?range=' + encodeURIComponent(range));
+    if (range === state.range) renderChart(fillSeries(data, range), range);  // else the user switched meanwhile
+  }
+
+  // one entry per period from now - range to now, zeros where the server had nothing
+  function fillSeries(data, range) {
+    const spec = RANGES[range];
+    let step = num(data.step_s);
+    if (step === null || step <= 0) step = spec.step;
+    step = Math.max(step, Math.ceil(spec.seconds / 1440));  // at most 1440 bars
+    const buckets = new Map();
+    let latest = 0;
+    objects(data.points).filter(Array.isArray).forEach((p) => {
+      const t = num(p[0]);
+      if (t === null) return;
+      const key = Math.floor(t / step) * step;
+      const sum = buckets.get(key) || [0, 0];
+      buckets.set(key, [sum[0] + (num(p[1]) || 0), sum[1] + (num(p[2]) || 0)]);
+      latest = Math.max(latest, key);
+    });
+    const end = Math.max(Math.floor(Date.now() / 1000 / step) * step, latest);
+    const count = Math.max(1, Math.round(spec.seconds / step));
+    return Array.from({ length: count }, (_, i) => {
+      const t = end - (count - 1 - i) * step;
+      const sum = buckets.get(t) || [0, 0];
+      return { t: t, handled: Math.max(0, sum[0]), failed: Math.max(0, sum[1]) };
+    });
+  }
+
+  function niceCeil(v) {  // 1, 2, 5, 10, 20, 50...
+    if (!(v > 0)) return 1;
+    const base = Math.pow(10, Math.floor(Math.log10(v)));
+    return Math.max(1, [1, 2, 5, 10].find((f) => f * base >= v) * base);
+  }
+
+  function renderChart(series, range) {
+    const W = 800, H = 220, L = 56, R = 12, T = 14, B = 26, plotW = W - L - R, bottom = H - B;
+    const ymax = niceCeil(series.reduce((m, p) => Math.max(m, p.handled, p.failed), 0));
+    const totals = series.reduce((s, p) => [s[0] + p.handled, s[1] + p.failed], [0, 0]);
+    const root = svg('svg', { viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'throughput, ' + RANGES[range].label });
+    root.append(svg('line', { x1: L, y1: T, x2: W - R, y2: T, class: 'grid' }),
+                svg('line', { x1: L, y1: bottom, x2: W - R, y2: bottom, class: 'axis' }),
+                svg('line', { x1: L, y1: T, x2: L, y2: bottom, class: 'axis' }),
+                svg('text', { x: L - 6, y: T + 4, 'text-anchor': 'end', class: 'ymax' }, fmtInt(ymax)),
+                svg('text', { x: L - 6, y: bottom + 4, 'text-anchor': 'end' }, '0'));
+    const slot = plotW / series.length;
+    const height = (v) => Math.max(1, Math.min(bottom - T, (v / ymax) * (bottom - T)));
+    series.forEach((p, i) => root.appendChild(chartBar(p, L + i * slot, slot, T, bottom, height)));
+    chartTicks(series.length).forEach((i) => {
+      const x = L + (i + 0.5) * slot;
+      const anchor = i === 0 ? 'start' : (i === series.length - 1 ? 'end' : 'middle');
+      root.append(svg('line', { x1: x, y1: bottom, x2: x, y2: bottom + 4, class: 'axis' }),
+                  svg('text', { x: { start: L, end: W - R }[anchor] || x, y: H - 8, 'text-anchor': anchor }, fmtHM(series[i].t)));
+    });
+    byId('chart').replaceChildren(root);
+    byId('chart-summary').textContent = '— ' + RANGES[range].label + ': ' + fmtInt(totals[0]) + ' handled, ' +
+      fmtInt(totals[1]) + ' failed (bars ' + RANGES[range].per + ')';
+  }
+
+  // one period: a transparent full-height area (for the tooltip), the handled bar, a narrower red failed bar
+  function chartBar(p, x, slot, top, bottom, height) {
+    const g = svg('g');
+    const gap = slot > 4 ? slot * 0.15 : 0;
+    g.append(svg('title', null, fmtHM(p.t) + '  handled ' + fmtInt(p.handled) + ', failed ' + fmtInt(p.failed)),
+             svg('rect', { x: x, y: top, width: slot, height: bottom - top, class: 'hit' }));
+    if (p.handled > 0) {
+      g.appendChild(svg('rect', { x: x + gap / 2, y: bottom - height(p.handled), width: Math.max(0.5, slot - gap),
+                                  height: height(p.handled), class: 'bar-handled' }));
+    }
+    if (p.failed > 0) {
+      g.appendChild(svg('rect', { x: x + slot * 0.25, y: bottom - height(p.failed), width: Math.max(0.5, slot * 0.5),
+                                  height: height(p.failed), class: 'bar-failed' }));
+    }
+    return g;
+  }
+
+  function chartTicks(n) {  // five evenly spread bar indexes, for the time labels
+    const picks = [0, Math.round(n / 4), Math.round(n / 2), Math.round((3 * n) / 4), n - 1];
+    return picks.filter((i, k) => i >= 0 && i < n && picks.indexOf(i) === k);
+  }
+
+  function setRange(range) {
+    if (!RANGES[range]) return;
+    state.range = range;
+    document.querySelectorAll('button[data-range]').forEach((b) => {
+      b.setAttribute('aria-pressed', b.getAttribute('data-range') === range ? 'true' : 'false');
+    });
+    loadChart().catch(showError);
+  }
+
+  // ---- processes -------------------------------------------------------------------------
+  async function loadStatus() {
+    const data = await api('GET', '/api/status');
+    setRows('processes-body', objects(data.processes).map(processRow), 9, 'no processes');
+  }
+
+  function processRow(p) {
+    const stateName = str(p.state);
+    const known = STATES.indexOf(stateName) >= 0 ? stateName : 'UNKNOWN';
+    const tr = el('tr', p.description ? { title: shorten(p.description, 300) } : null);
+    tr.append(td(p.name), td(str(p.program) || '—'), td(stateName || '—', 'state-' + known), td(fmtPid(p.pid), 'num'),
+              td(fmtClock(p.uptime_s), 'num'), td(fmtInt(p.handled), 'num'), td(fmtInt(p.failed), 'num'),
+              td(fmtMB(p.rss_bytes), 'num'), td(num(p.beat_age_s) === null ? '—' : fmtAge(p.beat_age_s) + ' ago', 'num'));
+    return tr;
+  }
+
+  function fmtPid(v) { const n = num(v); return n === null ? '—' : String(Math.round(n)); }
+
+  async function stopWorkers() {
+    if (!window.confirm('Ask every worker to stop after its current message?')) return;
+    const data = await api('POST', '/api/stop-workers');
+    say('asked ' + plural(data.asked, 'worker') + ' to stop');
+    await loadStatus();
+  }
+
+  // ---- failed messages ---------------------------------------------------------------------
+  function filterParams(target) {  // the filters of the last search, added to a query or a body
+    if (state.failed.handler) target.handler = state.failed.handler;
+    if (state.failed.error) target.error = state.failed.error;
+    return target;
+  }
+
+  function filterText() {
+    const f = state.failed;
+    return [['handler', f.handler], ['error', f.error]].filter((p) => p[1]).map((p) => p[0] + ' ' + p[1]).join(', ');
+  }
+
+  async function loadFailed() {
+    const f = state.failed;
+    const seq = ++f.seq;
+    const query = new URLSearchParams(filterParams({ offset: String(f.offset), limit: String(PAGE_SIZE) }));
+    const data = await api('GET', '/api/failed?' + query.toString());
+    if (seq !== f.seq) return;  // a newer request was made since
+    const rows = objects(data.failed);
+    f.total = num(data.total) === null ? rows.length : num(data.total);
+    const lastPage = Math.max(0, Math.floor((f.total - 1) / PAGE_SIZE) * PAGE_SIZE);
+    if (!rows.length && f.offset > 0 && lastPage < f.offset) {  // the page emptied: show the last one
+      f.offset = lastPage;
+      return loadFailed();
+    }
+    renderFailed(rows);
+  }
+
+  function renderFailed(rows) {
+    const f = state.failed;
+    const filters = filterText();
+    setRows('failed-body', rows.map(failedRow), 7, filters ? 'no failed message matches' : 'no failed messages');
+    byId('select-page').checked = false;
+    byId('failed-range').textContent = (rows.length ? fmtInt(f.offset + 1) + '–' + fmtInt(f.offset + rows.length) : '0') +
+      ' of ' + fmtInt(f.total);
+    f.shown = rows.length;
+    renderPager();
+    byId('filter-note').textContent = filters ? '“all” means all matching ' + filters : '';
+  }
+
+  function renderPager() {
+    const f = state.failed;
+    byId('failed-prev').disabled = f.offset <= 0;
+    byId('failed-next').disabled = f.offset + f.shown >= f.total;
+  }
+
+  function failedRow(r) {
+    const id = toId(r.id);
+    const pick = el('td');
+    const show = el('td', null, id === null ? str(r.id) : null);
+    if (id !== null) {
+      pick.appendChild(el('input', { type: 'checkbox', class: 'select', 'data-id': id, 'aria-label': 'select ' + id }));
+      show.appendChild(el('button', { type: 'button', class: 'show', 'data-id': id }, id));
+    }
+    const error = str(r.error_class) + (r.error_message ? ': ' + str(r.error_message) : '');
+    const tr = el('tr');
+    tr.append(pick, show, td(r.handler), td(r.original_queue), fill(td(shorten(error, 80), 'message'), { title: shorten(error, 2000) }),
+              td(fmtInt(r.attempts), 'num'), td(fmtDateTime(r.failed_at), 'when'));
+    return tr;
+  }
+
+  function selectedIds() {
+    return Array.from(document.querySelectorAll('#failed-body input.select:checked'))
+      .map((box) => toId(box.getAttribute('data-id'))).filter((id) => id !== null);
+  }
+
+  function describeRetry(data) {
+    const left = data.left && typeof data.left === 'object' ? Object.keys(data.left) : [];
+    const why = left.slice(0, 5).map((k) => '#' + k + ' ' + shorten(data.left[k], 120)).join('; ');
+    return 'requeued ' + plural(data.requeued, 'message') +
+      (left.length ? '; ' + fmtInt(left.length) + ' left: ' + why + (left.length > 5 ? '; …' : '') : '');
+  }
+
+  async function actOnFailed(verb, body) {
+    const data = await api('POST', '/api/failed/' + verb, body);
+    say(verb === 'retry' ? describeRetry(data) : 'removed ' + plural(data.removed, 'message'));
+    const stayed = data.left && typeof data.left === 'object' ? data.left : {};
+    const shown = state.detail.id;
+    if (shown !== null && (body.all || body.ids.indexOf(shown) >= 0) && !(String(shown) in stayed)) closeDetail();
+    await refreshAfter([loadFailed(), loadStats()]);
+  }
+
+  async function actOnSelected(verb) {
+    const ids = selectedIds();
+    if (!ids.length) return say('no message selected', true);
+    if (verb === 'remove' && !window.confirm('Remove ' + plural(ids.length, 'selected message') + ' for good?')) return;
+    await actOnFailed(verb, { ids: ids });
+  }
+
+  async function actOnAll(verb) {
+    const filters = filterText();
+    if (!window.confirm((verb === 'retry' ? 'Retry' : 'Remove') + ' all ' + fmtInt(state.failed.total) + ' failed messages' +
+                        (filters ? ' matching ' + filters : '') + (verb === 'remove' ? ' for good?' : '?'))) return;
+    await actOnFailed(verb, filterParams({ all: true }));
+  }
+
+  function search(handler, error) {
+    Object.assign(state.failed, { handler: handler.trim(), error: error.trim(), offset: 0 });
+    return loadFailed();
+  }
+
+  function clearFilter() {
+    byId('filter-handler').value = byId('filter-error').value = '';
+    return search('', '');
+  }
+
+  function turnPage(delta) {
+    state.failed.offset = Math.max(0, state.failed.offset + delta * PAGE_SIZE);
+    return loadFailed();
+  }
+
+  // ---- one failed message --------------------------------------------------------------
+  async function openDetail(id) {
+    if (id === null) return;
+    const seq = ++state.detail.seq;
+    state.detail.id = id;
+    byId('detail-title').textContent = 'message ' + id + ' (loading…)';
+    byId('detail').hidden = false;
+    try {
+      const data = await api('GET', '/api/failed/' + encodeURIComponent(String(id)));
+      if (seq !== state.detail.seq) return;
+      renderDetail(id, data);
+      byId('detail').scrollIntoView({ block: 'nearest' });
+    } catch (err) {
+      if (seq === state.detail.seq) closeDetail();
+      showError(err);
+    }
+  }
+
+  function renderDetail(id, data) {
+    byId('detail-title').textContent = 'message ' + id;
+    byId('detail-retry').setAttribute('data-id', String(id));
+    byId('detail-remove').setAttribute('data-id', String(id));
+    const fields = [['id', str(id)], ['handler', str(data.handler)], ['original queue', str(data.original_queue)],
+      ['error class', str(data.error_class)], ['error message', str(data.error_message)],
+      ['attempts', fmtInt(data.attempts)], ['failed at', fmtDateTime(data.failed_at)],
+      ['created at', fmtDateTime(data.created_at)]];
+    byId('detail-fields').replaceChildren(...fields.flatMap((f) => [el('dt', null, f[0]), el('dd', null, f[1] || '—')]));
+    const headers = data.headers && typeof data.headers === 'object' && !Array.isArray(data.headers) ? data.headers : {};
+    const trace = headers.traceback;
+    const others = Object.assign({}, headers);
+    delete others.traceback;
+    byId('detail-payload').textContent = prettyJSON(data.payload);
+    byId('detail-traceback').textContent = trace === undefined || trace === null ? '(none)'
+      : (typeof trace === 'string' ? trace : prettyJSON(trace));
+    byId('detail-headers').textContent = prettyJSON(others);
+  }
+
+  function closeDetail() {
+    state.detail.seq++;  // an answer still on its way is dropped
+    state.detail.id = null;
+    byId('detail').hidden = true;
+  }
+
+  function detailAction(verb, button) {
+    const id = toId(button.getAttribute('data-id'));
+    return id === null ? Promise.resolve() : actOnFailed(verb, { ids: [id] });
+  }
+
+  // ---- control: cancel a message -------------------------------------------------------
+  function cancelResult(text, isError) { fill(byId('cancel-result'), { class: isError ? 'error' : '' }, text); }
+
+  async function cancelMessage() {
+    const raw = byId('cancel-id').value.trim();
+    const id = /^[0-9]{1,18}$/.test(raw) ? toId(raw) : null;
+    if (id === null) return cancelResult('give a message id: a whole number', true);
+    cancelResult('cancelling message ' + id + '…');
+    try {
+      const data = await api('POST', '/api/messages/' + encodeURIComponent(String(id)) + '/cancel');
+      cancelResult('message ' + id + ' cancelled (it was ' + shorten(data.cancelled, 40) + ')');
+      say(byId('cancel-result').textContent);
+    } catch (err) {
+      cancelResult('error: ' + errorText(err), true);
+      showError(err);
+    }
+    await refreshAfter([loadStats(), loadStatus()]);
+  }
+
+  // ---- refreshing ------------------------------------------------------------------------
+  async function refreshAfter(promises) {
+    const failure = (await Promise.allSettled(promises)).find((r) => r.status === 'rejected');
+    if (failure) showError(failure.reason);
+  }
+
+  async function refreshAuto() {  // stats, processes and chart; never the failed list
+    if (state.refreshing) return;
+    state.refreshing = true;
+    try {
+      const results = await Promise.allSettled([loadStats(), loadStatus(), loadChart()]);
+      const failure = results.find((r) => r.status === 'rejected');
+      if (failure) return showError(failure.reason, 'refresh');
+      if (state.bannerSource === 'refresh') hideBanner();
+      byId('updated').textContent = 'last updated ' + fmtHMS(new Date());
+    } finally {
+      state.refreshing = false;
+    }
+  }
+
+  // ---- events ------------------------------------------------------------------------------
+  const ACTIONS = {
+    'pause': (b) => setPaused(b.getAttribute('data-queue'), true),
+    'resume': (b) => setPaused(b.getAttribute('data-queue'), false),
+    'retry-selected': () => actOnSelected('retry'),
+    'remove-selected': () => actOnSelected('remove'),
+    'retry-all': () => actOnAll('retry'),
+    'remove-all': () => actOnAll('remove'),
+    'retry-one': (b) => detailAction('retry', b),
+    'remove-one': (b) => detailAction('remove', b),
+    'close-detail': closeDetail,
+    'dismiss-error': hideBanner,
+    'stop-workers': stopWorkers,
+    'clear-filter': clearFilter,
+    'prev-page': () => turnPage(-1),
+    'next-page': () => turnPage(1),
+    'search': () => search(byId('filter-handler').value, byId('filter-error').value),
+    'cancel': cancelMessage,
+  };
+
+  // disables the button while its action runs; never lets an error escape
+  async function run(button, action) {
+    if (button.disabled) return;
+    button.disabled = true;
+    try {
+      await action(button);
+    } catch (err) {
+      showError(err);
+    } finally {
+      button.disabled = false;
+      if (button.id === 'failed-prev' || button.id === 'failed-next') renderPager();
+    }
+  }
+
+  function onClick(event) {
+    const target = event.target instanceof Element ? event.target : null;
+    const show = target && target.closest('button.show, a.show');
+    const rangeButton = target && target.closest('button[data-range]');
+    const button = target && target.closest('[data-action]');
+    const action = button && ACTIONS[button.getAttribute('data-action')];
+    if (show) {
+      event.preventDefault();
+      openDetail(toId(show.getAttribute('data-id')));
+    } else if (rangeButton) {
+      setRange(rangeButton.getAttribute('data-range'));
+    } else if (action) {
+      event.preventDefault();
+      run(button, action);
+    }
+  }
+
+  function onSubmit(event) {  // the two forms: Enter in an input, or their submit button
+    event.preventDefault();
+    const button = byId(event.target.id === 'cancel-form' ? 'cancel-button' : 'filter-button');
+    run(button, ACTIONS[event.target.id === 'cancel-form' ? 'cancel' : 'search']);
+  }
+
+  function takeToken() {
+    const params = new URLSearchParams(window.location.search);
+    const token = params.get('token') || '';
+    if (params.has('token')) {
+      params.delete('token');
+      const rest = params.toString();
+      try {
+        history.replaceState(history.state, '', window.location.pathname + (rest ? '?' + rest : '') + window.location.hash);
+      } catch (err) { /* the token stays in the address bar; the page still works */ }
+    }
+    return token;
+  }
+
+  function init() {
+    state.token = takeToken();
+    document.addEventListener('click', onClick);
+    document.addEventListener('keydown', (e) => { if (e.key === 'Escape' && !byId('detail').hidden) closeDetail(); });
+    byId('filter-form').addEventListener('submit', onSubmit);
+    byId('cancel-form').addEventListener('submit', onSubmit);
+    byId('select-page').addEventListener('change', () => {
+      document.querySelectorAll('#failed-body input.select').forEach((box) => { box.checked = byId('select-page').checked; });
+    });
+    window.addEventListener('unhandledrejection', (e) => { e.preventDefault(); showError(e.reason); });
+    refreshAuto();
+    run(byId('filter-button'), loadFailed);
+    setInterval(refreshAuto, REFRESH_MS);
+  }
+
+  window.jobrunner = Object.freeze({ refresh: refreshAuto, loadFailed: loadFailed, openDetail: openDetail });
+  init();
+})();
+</script>
+</body>
+</html>
+"""
 
 
 # --- main() -------------------------------------------------------------------

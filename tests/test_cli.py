@@ -117,16 +117,20 @@ def test_consume_creates_the_database_on_first_use(project):
 
 
 def test_handlers_lists_every_registered_handler(project, app):
+    import jobapp
+
+    # jobapp's own handlers (another test may have imported hardapp, which adds to the same JobRunner)
+    ours = {name: h for name, h in app.handlers.items() if h.fn.__module__ == jobapp.__name__}
     result = project.cli("handlers", "--json")
     described = {h["name"]: h for h in json.loads(result.stdout)["handlers"]}
-    assert sorted(described) == sorted(app.handlers)
-    for name, handler in app.handlers.items():
+    assert sorted(described) == sorted(ours)
+    for name, handler in ours.items():
         assert described[name]["queue"] == handler.queue
         assert described[name]["max_retries"] == handler.retry.max_retries
     text = project.cli("handlers")
     assert text.returncode == 0, text.stderr
     first_words = [line.split()[0] for line in text.stdout.splitlines()[1:] if line.strip()]
-    assert sorted(first_words) == sorted(app.handlers)
+    assert sorted(first_words) == sorted(ours)
 
 
 def test_stats_counts_ready_delayed_in_flight_and_failed_messages(project, app):
@@ -483,12 +487,13 @@ def test_a_database_error_in_a_failed_command_is_one_line(project, tmp_path):
     conn.executescript("CREATE TABLE messenger_messages (id INTEGER PRIMARY KEY, body TEXT);"
                        "CREATE TABLE jobrunner_workers (id INTEGER); CREATE TABLE jobrunner_processes (name TEXT);"
                        "CREATE TABLE jobrunner_control (key TEXT); CREATE TABLE jobrunner_schedules (name TEXT);"
+                       "CREATE TABLE jobrunner_minutes (minute REAL);"
                        "PRAGMA user_version = 1;")
     conn.close()
     for args in (("failed", "show"), ("failed", "show", "3"), ("failed", "retry", "3"), ("failed", "retry", "--all"),
                  ("failed", "remove", "--all", "--force"), ("stats",), ("status",)):
         line = assert_one_line_error(project.cli(*args, "--dsn", odd))
-        assert str(odd) in line and "no such column" in line
+        assert str(odd) in line and ("no such column" in line or "set up by another jobrunner version" in line)
 
 
 def test_failed_retry_routes_a_message_with_no_original_queue_to_its_handler_or_says_why_it_stays(project):
