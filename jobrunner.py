@@ -5126,6 +5126,25 @@ def _printable(text, keep_newlines=False):
                                    else "\\u%04x" % ord(m.group()), text.replace("\t", "    "))
 
 
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+_STATE_COLORS = {"FATAL": "red", "UNKNOWN": "red", "BACKOFF": "yellow", "EXITED": "yellow", "RUNNING": "green"}
+
+
+def _paint(text, color, stream=None):
+    """``text`` in a color on a terminal, plain when piped or when NO_COLOR is set (no-color.org)."""
+    if color is None or os.environ.get("NO_COLOR") or not _is_terminal(stream or sys.stdout):
+        return text
+    import click
+
+    return click.style(text, fg=color)
+
+
 def _format_time(ts):
     import datetime
 
@@ -5387,7 +5406,8 @@ def _cmd_failed_show(message_id, max_, by_class, handlers, errors, queues, since
     rows = [[d["id"], _printable(d["handler"] or "?"), _printable(d["original_queue"] or "?"),
              _printable(_shorten("%s: %s" % (d["error_class"], d["error_message"]), 60)), d["attempts"],
              _format_time(d["failed_at"])] for d in data]
-    _echo(_table(rows, ["id", "handler", "queue", "error", "attempts", "failed at"]))
+    table = _table(rows, ["id", "handler", "queue", "error", "attempts", "failed at"]).split("\n")
+    _echo("\n".join([_paint(table[0], "cyan")] + table[1:]))
     if total > len(data):
         _echo("(%d of %d shown; use --max)" % (len(data), total))
 
@@ -5401,7 +5421,8 @@ def _show_failed_message(transport, message_id, as_json, verbosity):
     if as_json:
         return _echo_json(detail)
     for key in ("id", "handler", "original_queue", "error_class", "error_message", "attempts"):
-        _echo("%-15s %s" % (key.replace("_", " "), _printable(detail[key])))
+        value = _printable(detail[key])
+        _echo("%-15s %s" % (key.replace("_", " "), _paint(value, "red") if key == "error_class" else value))
     _echo("%-15s %s" % ("failed at", _format_time(detail["failed_at"])))
     _echo("%-15s %s" % ("created at", _format_time(e.created_at)))
     if e.headers.get("reason"):
@@ -5438,7 +5459,9 @@ def _act_on_failed(transport, ids, all_, force, filters, verb, as_json, queue_of
     if len(targets) > 1 and not force:
         click.confirm("%s %d failed messages?" % (verb.capitalize(), len(targets)), abort=True, err=True)
     done, left = 0, {}
-    bar = click.progressbar(length=len(targets), label=verb.capitalize(), file=sys.stderr) if len(targets) > _BATCH else None
+    # a progress bar on a terminal only: nothing when piped, nothing with --json
+    shown = len(targets) > _BATCH and not as_json and _is_terminal(sys.stderr)
+    bar = click.progressbar(length=len(targets), label=verb.capitalize(), file=sys.stderr) if shown else None
     with bar or contextlib.nullcontext():
         for start in range(0, len(targets), _BATCH):
             chunk = targets[start:start + _BATCH]
@@ -5567,7 +5590,7 @@ def _cmd_status(as_json, verbosity, app_spec, dsn):
                 "-" if p["rss_bytes"] is None else _format_bytes(p["rss_bytes"]))
         else:
             detail = _printable(p["description"])
-        _echo("%-32s %-9s %s" % (p["name"], p["state"], detail))
+        _echo("%-32s %s %s" % (p["name"], _paint("%-9s" % p["state"], _STATE_COLORS.get(p["state"])), detail))
 
 
 @_command("health", _option("--max-ready", type="count", help="Unhealthy above this many ready messages."),

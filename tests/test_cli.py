@@ -613,3 +613,61 @@ def test_a_postgresql_dsn_without_psycopg_names_the_extra_to_install(project, tm
     assert line == "jobrunner: error: a postgresql:// DSN needs psycopg 3: pip install 'jobrunner[postgres]'"
     # and the SQLite path never needed it
     assert project.cli("setup", env=env).returncode == 0
+
+
+# --- terminal manners ----------------------------------------------------------------------------------
+
+
+def run_on_a_terminal(project, *args, env=None):
+    """Run the command with stdout and stderr on a pseudo-terminal; return (exit code, what it showed)."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    import conftest
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, conftest.JOBRUNNER, *map(str, args)], cwd=project.path,
+                            env=dict(project.env, **(env or {})), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    shown = b""
+    try:
+        while True:
+            ready = select.select([master], [], [], 20)[0]
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    return proc.wait(20), shown.decode("utf-8", "replace")
+
+
+def test_big_failed_actions_show_progress_on_a_terminal_only(project, app):
+    app.setup()
+    now = time.time()
+    headers = json.dumps({"handler": "note", "original_queue": "async", "error_class": "ValueError"})
+    project.execute("INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) VALUES "
+                    + ", ".join(["(?, ?, 'failed', ?, ?)"] * 600),
+                    *[v for i in range(600) for v in (json.dumps({"n": i}), headers, now, now)])
+    code, shown = run_on_a_terminal(project, "failed", "retry", "--all", "--force")
+    assert code == 0 and "Retry" in shown and "100%" in shown and "requeued 600 message(s)" in shown
+    assert query(project.db, "SELECT COUNT(*) FROM messenger_messages WHERE queue_name = 'async'") == [(600,)]
+
+
+def test_status_colors_states_on_a_terminal_but_not_piped_nor_with_no_color(project, app):
+    app.setup()
+    project.execute("INSERT INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
+                    "updated_at, description) VALUES ('w_00', 'w', 'elsewhere', 1, 'FATAL', NULL, ?, ?, 'broken')",
+                    time.time(), time.time() + 3600)
+    code, shown = run_on_a_terminal(project, "status")
+    assert code == 0 and "\x1b[31mFATAL" in shown
+    assert "\x1b[" not in run_on_a_terminal(project, "status", env={"NO_COLOR": "1"})[1]
+    piped = project.cli("status")
+    assert "FATAL" in piped.stdout and "\x1b[" not in piped.stdout

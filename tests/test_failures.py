@@ -647,7 +647,7 @@ def test_failed_retry_all_of_many_shows_progress_and_workers_handle_them_again(p
 
     result = cli_ok(project, "failed", "retry", "--all", "--force")
     assert result.stdout == "requeued %d message(s)\n" % count
-    assert "Retry" in result.stderr  # the progress bar's label (the bar itself is hidden off a terminal)
+    assert result.stderr == ""  # piped: no progress bar
     after = rows(project)
     assert {(r["queue_name"], r["attempts"], r["delivered_at"]) for r in after.values()} == {("async", 0, None)}
     assert {i: r["body"] for i, r in after.items()} == {i: r["body"] for i, r in before.items()}
