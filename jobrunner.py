@@ -558,6 +558,10 @@ _SQL = {
              "AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?) "
              "ORDER BY priority DESC, available_at, id LIMIT 1{lock}) "
              "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
+    # `consume failed`: one failed message at a time, by id, to run its handler once more
+    "claim_failed": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
+                    "WHERE id = ? AND queue_name = 'failed' AND delivered_at IS NULL "
+                    "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
     # The earliest unclaimed message of a queue: the index is ordered by priority first, so take the
     # earliest of each priority, one index seek per distinct priority.
     "next_due": "WITH RECURSIVE p(v) AS (SELECT MAX(priority) FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL "
@@ -990,6 +994,20 @@ class Transport:
     def _wait_token(self, conn):
         return None
 
+    def claim_failed(self, message_id, worker_id, settle=None):
+        """Settle ``settle``, then claim failed message ``message_id`` (None: retried or removed meanwhile)."""
+        settled = True
+        try:
+            with self.transaction() as conn:
+                if settle is not None:
+                    settled = conn.execute(self.sql[settle.kind], settle.params()).rowcount == 1
+                if message_id is None:
+                    return None, settled
+                rows = conn.execute(self.sql["claim_failed"], (time.time(), worker_id, message_id)).fetchall()
+        except self.driver_errors as exc:
+            raise self._error(exc) from None
+        return (_Delivery(*rows[0], worker_id) if rows else None), settled
+
     def next_due(self, queues):
         """When the earliest unclaimed message of these queues becomes available (None if none)."""
         try:
@@ -1299,7 +1317,8 @@ class Transport:
         claimed = dict(self._rows("stats_claimed", conn=conn))
         paused = {key[len(_PAUSED):] for key, _ in self._rows("paused", conn=conn)}
         claimed.pop(_CANCELLED_QUEUE, None)
-        queues, failed = {}, 0
+        failed = int(claimed.pop(FAILED_QUEUE, 0))  # replayed by `consume failed` right now: still failed messages
+        queues = {}
         for (consumed,) in self._rows("consumed_queues", conn=conn):  # listed even when empty
             for queue in str(consumed).split(","):
                 if queue and queue != FAILED_QUEUE:
@@ -1309,7 +1328,7 @@ class Transport:
         for queue, ready, delayed, oldest in waiting:
             ready, delayed = int(ready or 0), int(delayed or 0)
             if queue == FAILED_QUEUE:
-                failed = ready + delayed
+                failed += ready + delayed
                 continue
             if queue == _CANCELLED_QUEUE:
                 continue
@@ -1463,7 +1482,8 @@ def _create_private_file(path):
         raise StorageError("cannot create database %s: %s" % (path, exc.strerror or exc)) from None
 
 
-_FAILURE_HEADERS = ("original_queue", "error_class", "error_message", "traceback", "failed_at", "reason", "first_failed_at")
+_FAILURE_HEADERS = ("original_queue", "error_class", "error_message", "traceback", "failed_at", "reason", "first_failed_at",
+                    "previous_errors")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -3155,13 +3175,18 @@ class Worker:
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
                  name=None, install_signals=True, parent_pid=None, stop_timeout=10.0, owns_process=False,
-                 on_ready=None, until_empty=False):
+                 on_ready=None, until_empty=False, replay_filter=None, ping_file=None):
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
-        if FAILED_QUEUE in queues:
-            raise ConfigurationError("the %r queue is not consumed: `jobrunner failed retry --all` puts its messages "
-                                     "back on their queues" % FAILED_QUEUE)
-        self.queues = app.check_queues(list(queues))
+        #: `consume failed`: each failed message (oldest first) runs its handler once more; one pass
+        self.replay = list(queues) == [FAILED_QUEUE]
+        if FAILED_QUEUE in queues and not self.replay:
+            raise ConfigurationError("consume failed replays the failure queue in a run of its own: give it alone")
+        if replay_filter is not None and not self.replay:
+            raise ConfigurationError("--handler and --error choose failed messages: they go with consume failed")
+        self.replay_filter = replay_filter
+        self.ping_file = ping_file
+        self.queues = [FAILED_QUEUE] if self.replay else app.check_queues(list(queues))
         for option, value in (("limit", limit), ("failure_limit", failure_limit), ("memory_limit", memory_limit)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ConfigurationError("%s must be a whole number >= 0, not %r" % (option, value))
@@ -3348,7 +3373,15 @@ class Worker:
             return True
         return False
 
+    def _replay_ids(self):
+        """The failed messages to replay, oldest first (as they stand when the run starts)."""
+        chosen = [e for e in self.transport.failed() if self.replay_filter is None or self.replay_filter(e)]
+        return [e.id for e in sorted(chosen, key=lambda e: (e.available_at if isinstance(e.available_at, (int, float))
+                                                            else 0, e.id))]
+
     def _loop(self, started):
+        if self.replay:
+            return self._replay_loop(started)
         outcome = None
         backoff = 0.0
         while True:
@@ -3380,6 +3413,38 @@ class Worker:
                     self.stop("no message is ready")
                     continue
                 self._idle(token, due, started)
+                continue
+            outcome = self._process(delivery)
+
+    def _replay_loop(self, started):
+        # A replay killed on this host left its message claimed: give it back now, not at the first reap,
+        # or this pass would skip it (a claimed message is someone else's).
+        with contextlib.suppress(StorageError):
+            gone = _gone_workers(self.transport.workers(), self)
+            if gone:
+                self.transport.release_workers(dict.fromkeys(gone))
+        pending = self._replay_ids()
+        _log.info("replaying %d failed message(s), oldest first", len(pending))
+        outcome = None
+        while True:
+            reason = self._limit_reached(started)
+            if reason:
+                self.stop(reason)
+            if self._stop_reason is not None:
+                return outcome
+            delivery = None
+            try:
+                while pending and delivery is None:
+                    delivery, settled = self.transport.claim_failed(pending[0], self.worker_id, outcome)
+                    outcome = None
+                    pending.pop(0)
+                if delivery is None:
+                    self.transport.claim_failed(None, self.worker_id, outcome)
+                    self.stop("every failed message was replayed once")
+                    return None
+            except StorageError as exc:
+                _log.error("%s; retrying in 1s", exc)
+                self._waiter.sleep(1.0)
                 continue
             outcome = self._process(delivery)
 
@@ -3420,6 +3485,9 @@ class Worker:
                 self.transport.unregister_worker(self.worker_id, keep_row=bool(self.parent_pid))
         except JobRunnerError as exc:
             _log.error("could not unregister worker %s: %s", self.name, exc)
+        if self.ping_file and self.exit_code == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.ping_file)
 
     def _register(self):
         self.started_at = time.time()
@@ -3514,7 +3582,7 @@ class Worker:
         except InvalidMessage as exc:
             return None, None, None, self._poison(delivery, headers, str(exc))
         counted = delivery.attempts - _int_header(headers, "free_retries")
-        if counted > handler.retry.max_retries + 1:
+        if counted > handler.retry.max_retries + 1 and not self.replay:
             return None, None, None, self._poison(
                 delivery, headers, "its last attempt never finished: the worker died, was killed or timed out during "
                 "it (%d attempts)" % (counted - 1), error_class="WorkerDied", attempts=delivery.attempts - 1)
@@ -3625,7 +3693,10 @@ class Worker:
 
     def _failed(self, delivery, retry, name, headers, exc, payload=None):
         self.failed += 1
-        outcome = _failure_outcome(delivery, retry, headers, exc)
+        if self.replay:  # once more, and no more: it stays in the failure queue with this error added
+            outcome = _fail_outcome(delivery, headers, _error_class(exc), str(exc), _format_exception(exc)[-_TRACEBACK_LIMIT:])
+        else:
+            outcome = _failure_outcome(delivery, retry, headers, exc)
         kind = "retry" if outcome.kind == "retry" else "failure"
         self._count(delivery, name, 1 if kind == "retry" else 2)
         if self.app._hooks[kind]:
@@ -3685,8 +3756,14 @@ def _failure_outcome(delivery, retry, headers, exc):
 def _fail_outcome(delivery, headers, error_class, message, tb, reason=None, attempts=None):
     now = time.time()
     failed = dict(headers)
+    if "error_class" in headers:  # failed before (`consume failed` replayed it): keep that error in its history
+        history = headers.get("previous_errors")
+        history = list(history) if isinstance(history, list) else []
+        history.append({key: headers.get(key) for key in ("error_class", "error_message", "attempts", "failed_at")})
+        failed["previous_errors"] = history
+    original = headers.get("original_queue") if delivery.queue == FAILED_QUEUE else delivery.queue
     failed.update(
-        original_queue=delivery.queue,
+        original_queue=original if isinstance(original, str) else delivery.queue,
         error_class=error_class,
         error_message=message,
         traceback=tb,
@@ -3696,6 +3773,22 @@ def _fail_outcome(delivery, headers, error_class, message, tb, reason=None, atte
     if reason:
         failed["reason"] = reason
     return _Outcome("fail", delivery, now, _encode_headers(failed))
+
+
+def _touch(path):
+    """Create (0600, never through a symlink) or touch a ping file: its age says when we were last alive."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _log.error("cannot touch ping file %s: %s", path, exc.strerror or exc)
+
+
+def _expand_ping_file(template, name, pid):
+    return os.path.abspath(template.replace("{name}", name).replace("{pid}", str(pid)))
 
 
 def _stderr_is_a_terminal():
@@ -3710,6 +3803,12 @@ def _format_bytes(n):
         if n >= size:
             return "%.1f%s" % (n / size, unit)
     return "%dB" % n
+
+
+def _gone_workers(rows, worker):
+    """The ids of workers, other than ``worker``, registered from this host whose process is gone."""
+    return {wid for wid, host, pid, _, _ in rows if host == worker.host and wid != worker.worker_id
+            and not _pid_alive(pid)}
 
 
 class _Heartbeat(threading.Thread):
@@ -3780,6 +3879,8 @@ class _Heartbeat(threading.Thread):
     def _beat(self):
         worker = self.worker
         current = worker._current
+        if worker.ping_file:
+            _touch(worker.ping_file)
         alive, stop_at = self.transport.beat(worker.worker_id, worker.handled, worker.failed, _rss_bytes(),
                                              current[0].id if current else None)
         if current is not None and self.transport.is_cancelled(current[0].id):
@@ -3801,8 +3902,7 @@ class _Heartbeat(threading.Thread):
         """Release the claims of workers whose process is gone from this host, or whose beats stopped."""
         worker = self.worker
         rows = self.transport.workers()
-        gone = {wid for wid, host, pid, _, _ in rows if host == worker.host and wid != worker.worker_id
-                and not _pid_alive(pid)}
+        gone = _gone_workers(rows, worker)
         silent = self._judge.silent({wid: beats for wid, _, _, _, beats in rows if wid != worker.worker_id})
         dead = {wid: beats for wid, _, _, _, beats in rows if wid in silent}
         dead.update((wid, None) for wid in gone)
@@ -4269,7 +4369,7 @@ class Supervisor:
     """
 
     def __init__(self, programs, *, app_spec, dsn=None, log_dir="var/log", settings_overrides=None, config_path=None,
-                 log_format="text", log_max_bytes=10 * _MIB, log_backups=3, scheduler=True):
+                 log_format="text", log_max_bytes=10 * _MIB, log_backups=3, scheduler=True, ping_file=None):
         _check_programs(programs)
         self.programs = programs
         self.app_spec = app_spec
@@ -4284,6 +4384,10 @@ class Supervisor:
         self.config_path = config_path
         #: run the app's schedule (one scheduler per database: the supervisor that holds its lock runs it)
         self.run_scheduler = scheduler
+        #: with {name}/{pid}, each worker's; else one file the supervisor touches while all is RUNNING
+        self.ping_file = os.path.abspath(ping_file) if ping_file else None
+        self._ping_each = bool(ping_file) and ("{name}" in ping_file or "{pid}" in ping_file)
+        self._next_ping = 0.0
         self._want_scheduler = False
         self._app_schedules = []
         self._next_scheduler_try = 0.0
@@ -4482,7 +4586,14 @@ class Supervisor:
                         proc.kill_at = None
                     self._kill(proc)
             self._sync_database(force=self._states() != self._synced or bool(self._reaped or self._removed))
+            if self.ping_file and not self._ping_each and not self._stopping and now >= self._next_ping:
+                self._next_ping = now + 1.0
+                if self.processes and all(p.state == _Process.RUNNING for p in self.processes):
+                    _touch(self.ping_file)
             if self._stopping and all(p.pid is None for p in self.processes):
+                if self.ping_file and not self._ping_each:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.ping_file)
                 return 0
             if self.processes and all(p.state == _Process.FATAL for p in self.processes):
                 self._log.error("every process is FATAL: exiting so that systemd or the container runtime takes over")
@@ -4608,10 +4719,11 @@ class Supervisor:
             if program.kind == "scheduler":
                 worker = Scheduler(app, name=proc.name, parent_pid=supervisor_pid, owns_process=True, on_ready=say_ready)
             else:
+                ping = _expand_ping_file(self.ping_file, proc.name, os.getpid()) if self._ping_each else None
                 worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
                                 memory_limit=program.memory_limit, time_limit=program.time_limit, sleep=program.sleep,
                                 name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs,
-                                owns_process=True, on_ready=say_ready)
+                                owns_process=True, on_ready=say_ready, ping_file=ping)
             worker.run()
             code = worker.exit_code
         except JobRunnerError as exc:
@@ -5226,18 +5338,35 @@ def _cmd_dispatch(name, payload, queue, delay, priority, unique_key, as_json, ve
     _echo_json({"id": message_id}) if as_json else _echo(message_id)
 
 
-@_command("consume", _argument("queues", nargs=-1), _LIMITS, _APP)
+_PING_FILE = _option("--ping-file", metavar="PATH",
+                     help="Touch this file at every heartbeat (mode 0600; {name} and {pid} are expanded); removed on a "
+                          "clean exit. `health --ping-file` checks its age without the database.")
+
+
+@_command("consume", _argument("queues", nargs=-1), _LIMITS, _PING_FILE,
+          _option("--handler", "handlers", multiple=True, metavar="NAME",
+                  help="With `consume failed`: only messages of this handler (repeatable)."),
+          _option("--error", "errors", multiple=True, metavar="CLASS",
+                  help="With `consume failed`: only messages that failed with this error class (repeatable)."),
+          _APP)
 def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format,
-                 app_spec, dsn):
+                 ping_file, handlers, errors, app_spec, dsn):
     """Handle messages from QUEUES, the first non-empty one first (default: every queue of the app).
 
     Stops after the current message on SIGTERM, SIGINT, `stop-workers` or a
-    limit, and exits 0.
+    limit, and exits 0. `consume failed` runs each failed message's handler
+    once more, oldest first: one that succeeds leaves the failure queue, one
+    that fails again stays there with this error added; one pass, then exit.
     """
     _configure_logging(verbosity, "worker", log_format=log_format)
     app = _app_from(app_spec, dsn, heartbeat_timeout=heartbeat_timeout)
+    replay_filter = _failed_filter(handlers, errors) if list(queues) == [FAILED_QUEUE] else None
+    if (handlers or errors) and list(queues) != [FAILED_QUEUE]:
+        raise ConfigurationError("--handler and --error choose failed messages: they go with consume failed")
     worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
-                        time_limit=time_limit, sleep=sleep, name="consume", owns_process=True)
+                        time_limit=time_limit, sleep=sleep, name="consume", owns_process=True,
+                        replay_filter=replay_filter,
+                        ping_file=_expand_ping_file(ping_file, "consume", os.getpid()) if ping_file else None)
     worker.run()
     sys.exit(worker.exit_code)
 
@@ -5428,6 +5557,12 @@ def _show_failed_message(transport, message_id, as_json, verbosity):
     if e.headers.get("reason"):
         _echo("%-15s %s" % ("reason", _printable(e.headers["reason"])))
     _echo("%-15s %s" % ("payload", _printable(json.dumps(e.payload, ensure_ascii=False, default=_json_safe))))
+    history = e.headers.get("previous_errors")
+    for earlier in reversed(history) if isinstance(history, list) else ():
+        if isinstance(earlier, dict):  # written by `consume failed`: the errors of earlier passes, newest first
+            _echo("%-15s %s: %s (%s)" % ("earlier error", _printable(earlier.get("error_class")),
+                                          _printable(_shorten(str(earlier.get("error_message")), 60)),
+                                          _format_time(earlier.get("failed_at"))))
     tb = e.headers.get("traceback")
     if verbosity and tb:
         _echo("\n" + _printable(str(tb).rstrip(), keep_newlines=True))
@@ -5534,11 +5669,14 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
                   help="Rotated supervisor.log files to keep."),
           _option("--scheduler/--no-scheduler", default=True, show_default=True,
                   help="Run the app's periodic handlers' schedule (one supervisor per database does)."),
+          _option("--ping-file", metavar="PATH",
+                  help="With {name} or {pid}: each worker touches its own at every heartbeat. Without: the supervisor "
+                       "touches this one file while every process is RUNNING."),
           _LIMITS, _APP)
 def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
-                   log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, scheduler, limit,
-                   failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format, app_spec,
-                   dsn):
+                   log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, scheduler, ping_file,
+                   limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format,
+                   app_spec, dsn):
     """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
 
     With no queue, the workers take every queue of the app. SIGTERM/SIGINT
@@ -5559,6 +5697,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
         supervisor_log_max_bytes = section.get("logfile_maxbytes", supervisor_log_max_bytes)
         supervisor_log_backups = section.get("logfile_backups", supervisor_log_backups)
         scheduler = section.get("scheduler", scheduler)
+        ping_file = ping_file or section.get("ping_file")
         config_path = os.path.abspath(config_path)
     else:
         programs = [ProgramConfig(
@@ -5571,7 +5710,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
     overrides = {"heartbeat_timeout": heartbeat_timeout} if heartbeat_timeout else {}
     sys.exit(Supervisor(programs, app_spec=spec, dsn=dsn, log_dir=log_dir, settings_overrides=overrides,
                         config_path=config_path, log_format=log_format, log_max_bytes=supervisor_log_max_bytes,
-                        log_backups=supervisor_log_backups, scheduler=scheduler).run())
+                        log_backups=supervisor_log_backups, scheduler=scheduler, ping_file=ping_file).run())
 
 
 @_command("status", _JSON, _WHICH, _APP)
@@ -5598,9 +5737,15 @@ def _cmd_status(as_json, verbosity, app_spec, dsn):
           _option("--max-age", type="seconds", help="Unhealthy when the oldest ready message waited longer (seconds)."),
           _option("--max-paused", type="seconds", help="Unhealthy when a queue has been paused longer (seconds)."),
           _option("--allow-no-workers", is_flag=True, help="Healthy even when no worker runs."),
+          _option("--ping-file", metavar="PATH",
+                  help="Check only this ping file (a glob: every match) is younger than --max-age (default 60 s); "
+                       "the database is not opened."),
           _JSON, _WHICH, _APP)
-def _cmd_health(max_ready, max_failed, max_age, max_paused, allow_no_workers, as_json, verbosity, app_spec, dsn):
+def _cmd_health(max_ready, max_failed, max_age, max_paused, allow_no_workers, ping_file, as_json, verbosity, app_spec,
+                dsn):
     """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
+    if ping_file:
+        return _ping_health(ping_file, 60.0 if max_age is None else max_age, as_json)
     _, transport = _transport_from(app_spec, dsn, verbosity)
     healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers, max_paused)
     if as_json:
@@ -5610,6 +5755,32 @@ def _cmd_health(max_ready, max_failed, max_age, max_paused, allow_no_workers, as
         _echo("OK: %d ready, %d failed" % (ready, data["failed"]))
     else:
         _echo("UNHEALTHY: " + "; ".join(_printable(r) for r in reasons))
+    sys.exit(0 if healthy else 1)
+
+
+def _ping_health(pattern, max_age, as_json):
+    import glob
+
+    now = time.time()
+    paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    reasons, files = [], []
+    for path in paths:
+        try:
+            age = now - os.stat(path).st_mtime
+        except OSError:
+            reasons.append("no ping file %s" % path)
+            continue
+        files.append({"path": path, "age_s": round(age, 1)})
+        if age > max_age:
+            reasons.append("ping file %s is %.0fs old, more than %gs" % (path, age, max_age))
+    if not paths:
+        reasons.append("no ping file matches %s" % pattern)
+    healthy = not reasons
+    if as_json:
+        _echo_json({"healthy": healthy, "reasons": reasons, "ping_files": files})
+    else:
+        _echo("OK: %d ping file(s) younger than %gs" % (len(files), max_age) if healthy else
+              "UNHEALTHY: " + "; ".join(_printable(r) for r in reasons))
     sys.exit(0 if healthy else 1)
 
 
@@ -5654,7 +5825,7 @@ def _boolean(text):
 
 
 _SUPERVISE_KEYS = {"app": str, "dsn": str, "log_dir": str, "log_format": _log_format, "logfile_maxbytes": _parse_size,
-                   "logfile_backups": int, "scheduler": _boolean}
+                   "logfile_backups": int, "scheduler": _boolean, "ping_file": str}
 _PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
                  "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
                  "log_backups": int, "stdout_logfile_backups": int, "environment": _parse_environment,

@@ -8,6 +8,7 @@ import time
 import pytest
 
 import jobrunner
+from conftest import wait_until
 from jobrunner import RetryStrategy
 
 pytestmark = pytest.mark.backends
@@ -269,10 +270,11 @@ def test_a_message_for_a_handler_this_worker_lacks_is_retried_with_backoff_befor
     # A rolling deploy: an old worker meets a message for a handler only the new code has.
     app.setup()
     msg_id = insert(project, '{"n": 1}', '{"handler": "added_in_the_next_release"}')
+    started = time.time()  # the message was available before this; the retry puts it after (50 ms backoff)
     result = cli_ok(project, "consume", "async", "--limit", 1, "--time-limit", "10", "-v")
     assert "no handler named 'added_in_the_next_release' is registered in this worker; retrying in" in result.stderr
     row = rows(project)[msg_id]
-    assert row["queue_name"] == "async" and row["available_at"] > time.time()  # back on its queue, later
+    assert row["queue_name"] == "async" and row["available_at"] > started + 0.04  # back on its queue, later
     assert failed_list(project)["total"] == 0
     # the app's strategy (jobapp: max_retries=3, delay 0.05 s) runs out: then, and only then, it fails
     cli_ok(project, "consume", "async", "--limit", 3, "--time-limit", "20")
@@ -699,3 +701,115 @@ def test_a_nested_transaction_that_raises_rolls_back_alone(project, app):
             pass
     assert project.query("SELECT n FROM ledger") == [(1,)]
     assert project.query("SELECT id FROM messenger_messages") == [(outer,)]
+
+
+# --- consume failed: the failure queue replayed, one pass ---------------------------------------
+
+
+def fail_fixable(project, count):
+    """``count`` fixed_by_file messages failed for real by a worker process; their ids, oldest first."""
+    ids = [dispatch(project, "fixed_by_file", {"n": n}) for n in range(1, count + 1)]
+    cli_ok(project, "consume", "async", "--limit", count, "--time-limit", "20")
+    assert [e["id"] for e in failed_list(project)["failed"]][:count] == ids[::-1]
+    return ids
+
+
+def history(project, message_id):
+    """The error classes and messages of a failed message, the earliest first, the current one last."""
+    headers = failed_detail(project, message_id)["headers"]
+    earlier = [(e["error_class"], e["error_message"]) for e in headers.get("previous_errors", [])]
+    return earlier + [(headers["error_class"], headers["error_message"])]
+
+
+def test_consume_failed_runs_each_failed_message_once_oldest_first_and_keeps_what_fails_again(project):
+    ids = fail_fixable(project, 5)
+    for n in (1, 3, 5):
+        (project.out / ("fixed-%d" % n)).touch()
+
+    result = cli_ok(project, "consume", "failed", "--time-limit", "20")
+    assert "replaying 5 failed message(s), oldest first" in result.stderr
+    assert "stopped: every failed message was replayed once (5 messages, 2 failed attempts)" in result.stderr
+    assert project.values() == ["1", "3", "5"]
+    second_pass = [v for v, _ in sorted(records(project, "fail") + records(project, "note"), key=lambda r: r[1])][5:]
+    assert second_pass == ["1", "2", "3", "4", "5"]  # oldest first, each once, then the run ends
+
+    remaining = failed_list(project)["failed"]
+    assert [e["id"] for e in remaining] == [ids[3], ids[1]]
+    for entry, n in zip(remaining, (4, 2)):
+        assert summary(entry) == {"id": ids[n - 1], "handler": "fixed_by_file", "original_queue": "async",
+                                  "error_class": "RuntimeError", "error_message": "%d is not fixed" % n, "attempts": 2}
+        assert history(project, entry["id"]) == [("RuntimeError", "%d is not fixed" % n)] * 2
+    row = rows(project)[ids[1]]
+    assert (row["queue_name"], row["delivered_at"], row["claimed_by"]) == ("failed", None, None)
+    text = cli_ok(project, "failed", "show", ids[1]).stdout
+    assert "earlier error   RuntimeError: 2 is not fixed (" in text
+
+    # --limit 1 handles exactly one, the oldest; it fails a third time
+    result = cli_ok(project, "consume", "failed", "--limit", "1", "--time-limit", "20")
+    assert "stopped: message limit of 1 reached (1 messages, 1 failed attempts)" in result.stderr
+    assert [v for v, _ in records(project, "fail")][7:] == ["2"]
+    assert len(history(project, ids[1])) == 3 and len(history(project, ids[3])) == 2
+
+    # fixed now: a pass empties the failure queue, and an empty one is a pass of nothing
+    for n in (2, 4):
+        (project.out / ("fixed-%d" % n)).touch()
+    cli_ok(project, "consume", "failed", "--time-limit", "20")
+    assert project.values() == ["1", "2", "3", "4", "5"]
+    assert rows(project) == {}
+    result = cli_ok(project, "consume", "failed", "--time-limit", "20")
+    assert "replaying 0 failed message(s)" in result.stderr
+
+
+def test_consume_failed_takes_the_filters_of_failed_retry(project):
+    broken = fail_unrecoverable(project, 1)
+    fixable = fail_fixable(project, 2)
+    (project.out / "fixed-1").touch()
+    (project.out / "fixed-2").touch()
+    assert project.values("fail") == ["1", "1", "2"]
+
+    cli_ok(project, "consume", "failed", "--error", "UnrecoverableError", "--time-limit", "20")
+    assert project.values("fail") == ["1", "1", "1", "2"]  # the unrecoverable one ran again, and failed again
+    assert project.values() == []
+    assert sorted(e["id"] for e in failed_list(project)["failed"]) == sorted(fixable + broken)
+
+    cli_ok(project, "consume", "failed", "--handler", "fixed_by_file", "--time-limit", "20")
+    assert project.values() == ["1", "2"]
+    assert [e["id"] for e in failed_list(project)["failed"]] == broken
+    assert project.values("fail") == ["1", "1", "1", "2"]
+
+
+def test_consume_failed_with_another_queue_or_filters_without_it_is_refused_in_one_line(project):
+    [failed_id] = fail_unrecoverable(project, 1)
+    before = rows(project)
+    for args, says in ((["failed", "async"], "consume failed replays the failure queue in a run of its own"),
+                       (["async", "failed"], "consume failed replays the failure queue in a run of its own"),
+                       (["async", "--handler", "note"], "--handler and --error choose failed messages"),
+                       (["--error", "ValueError"], "--handler and --error choose failed messages")):
+        result = project.cli("consume", *args, "--time-limit", "5")
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and says in result.stderr, (args, result.stderr)
+        assert rows(project) == before
+    assert project.values("fail") == ["1"]
+
+
+def test_a_replaying_worker_shows_in_status_and_a_killed_one_leaves_the_message_failed(project, app):
+    app.setup()
+    gate = project.path / "open"
+    headers = json.dumps({"handler": "gate", "original_queue": "slow", "error_class": "ValueError",
+                          "error_message": "closed", "attempts": 1, "failed_at": time.time()})
+    message_id = insert(project, json.dumps({"n": 1, "path": str(gate)}), headers, queue="failed")
+
+    proc = project.start("consume", "failed", "--time-limit", "20")
+    wait_until(lambda: project.values("start") == ["1"])
+    data = json.loads(cli_ok(project, "status", "--json").stdout)
+    [worker] = data["processes"]
+    assert (worker["state"], worker["description"]) == ("RUNNING", "standalone worker on failed")
+    assert cli_json(project, "stats")["failed"] == 1  # still a failed message while it is replayed
+    proc.kill()
+    proc.wait(10)
+
+    # the dead worker's claim is released by the next run, which replays the message again and succeeds
+    gate.touch()
+    cli_ok(project, "consume", "failed", "--time-limit", "20", env={"JOBRUNNER_HEARTBEAT_TIMEOUT": "1"})
+    assert project.values() == ["1"]
+    assert message_id not in rows(project)

@@ -950,8 +950,9 @@ def test_health_fails_on_a_worker_that_stopped_beating_supervised_or_standalone(
     os.kill(supervised_pid, signal.SIGSTOP)
     os.kill(standalone.pid, signal.SIGSTOP)
     try:
-        result = wait_until(lambda: (lambda r: r.returncode == 1 and "consume" in r.stdout and r)(
-            health(project, "--dsn", quick)), timeout=10, message="health to notice both")
+        # each is judged from its own last beat, up to a beat interval apart: wait until both are named
+        result = wait_until(lambda: (lambda r: r.returncode == 1 and "async_00" in r.stdout and "consume" in r.stdout
+                                     and r)(health(project, "--dsn", quick)), timeout=10, message="health to notice both")
         assert re.search(r"async_00 \(pid %d\) has not beaten for \d+s" % supervised_pid, result.stdout)
         assert re.search(r"worker consume \(pid %d\) has not beaten for \d+s" % standalone.pid, result.stdout)
     finally:
@@ -1103,3 +1104,78 @@ def test_one_supervisor_per_program_is_a_postgresql_advisory_lock(project, sups)
     again = sups.start("async", "--name", "mail", log_dir="log4")  # the lock went with its session
     wait_running(project, sups, ["mail_00", "reports_00"], timeout=15)
     assert {p["supervisor_pid"] for p in supervised(status(project)).values()} == {again.pid, other.pid}
+
+
+# --- ping files: liveness a probe can check without the database ---------------------------------
+
+
+def ping_age(path):
+    return time.time() - os.stat(path).st_mtime
+
+
+def test_a_worker_touches_its_ping_file_each_beat_and_a_stopped_one_goes_stale(project):
+    ping = project.path / "run" / "consume-{pid}.ping"
+    (project.path / "run").mkdir()
+    env = {"JOBRUNNER_DSN": project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=5)}
+    proc = project.start("consume", "async", "--ping-file", ping, env=env)
+    path = project.path / "run" / ("consume-%d.ping" % proc.pid)
+    wait_until(path.exists)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    first = os.stat(path).st_mtime
+    wait_until(lambda: os.stat(path).st_mtime > first, timeout=3, message="a second touch")
+    result = project.cli("health", "--ping-file", project.path / "run" / "*.ping", "--max-age", "1")
+    assert (result.returncode, result.stdout) == (0, "OK: 1 ping file(s) younger than 1s\n")
+
+    os.kill(proc.pid, signal.SIGSTOP)  # frozen: the database would still say it beat a moment ago
+    try:
+        wait_until(lambda: ping_age(path) > 1.2, timeout=5, message="a stale ping file")
+        result = project.cli("health", "--ping-file", path, "--max-age", "1")
+        assert result.returncode == 1
+        assert re.fullmatch(r"UNHEALTHY: ping file .*consume-\d+\.ping is \ds old, more than 1s\n", result.stdout)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: ping_age(path) < 0.5, timeout=3, message="a fresh touch after SIGCONT")
+    assert project.cli("health", "--ping-file", path, "--max-age", "1").returncode == 0
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert not path.exists()  # removed on a clean exit
+    result = project.cli("health", "--ping-file", path, "--max-age", "1", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"healthy": False, "reasons": ["no ping file %s" % path], "ping_files": []}
+
+
+def test_health_of_a_ping_file_never_opens_the_database(tmp_path):
+    missing = tmp_path / "nowhere" / "jobs.db"
+    ping = tmp_path / "ping"
+    ping.touch()
+    os.utime(ping, (time.time() - 30, time.time() - 30))
+    run = [sys.executable, JOBRUNNER, "health", "--dsn", str(missing), "--ping-file"]
+    result = subprocess.run(run + [str(ping)], capture_output=True, text=True, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "OK: 1 ping file(s) younger than 60s\n"), result.stderr
+    result = subprocess.run(run + [str(ping), "--max-age", "10"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "is 30s old, more than 10s" in result.stdout
+    result = subprocess.run(run + [str(tmp_path / "*.none")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "no ping file matches" in result.stdout
+    assert not missing.parent.exists()
+
+
+def test_supervise_ping_files_per_worker_or_one_while_everything_runs(project, sups):
+    env = {"JOBRUNNER_DSN": project.dsn_with(heartbeat_interval=0.2, heartbeat_timeout=5)}
+    each = sups.start("async", "--numprocs", 2, "--ping-file", "ping-{name}", env=env)
+    procs = wait_running(project, sups, ["async_00", "async_01"])
+    wait_until(lambda: (project.path / "ping-async_00").exists() and (project.path / "ping-async_01").exists())
+    assert project.cli("health", "--ping-file", project.path / "ping-*", "--max-age", "2").returncode == 0
+    os.kill(procs["async_01"]["pid"], signal.SIGKILL)
+    wait_running(project, sups, ["async_00", "async_01"], exclude={procs["async_01"]["pid"]})
+    each.send_signal(signal.SIGTERM)
+    assert each.wait(15) == 0
+    assert not list(project.path.glob("ping-*"))
+
+    one = sups.start("async", "--numprocs", 2, "--ping-file", "alive", env=env)
+    wait_running(project, sups, ["async_00", "async_01"])
+    wait_until((project.path / "alive").exists)
+    assert project.cli("health", "--ping-file", "alive", "--max-age", "2").returncode == 0
+    one.send_signal(signal.SIGTERM)
+    assert one.wait(15) == 0
+    assert not (project.path / "alive").exists()

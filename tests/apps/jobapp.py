@@ -62,6 +62,15 @@ def unrecoverable(n):
     raise UnrecoverableError("no point retrying %s" % n)
 
 
+@jobs.handler(max_retries=0)
+def fixed_by_file(n):
+    """Fails at once until a file ``fixed-<n>`` appears beside the records."""
+    if not os.path.exists(os.path.join(OUT, "fixed-%s" % n)):
+        record("fail", n)
+        raise RuntimeError("%s is not fixed" % n)
+    record("note", n)
+
+
 @jobs.handler(max_retries=0, delay=0.01)
 def recoverable(n, times=3):
     path = os.path.join(OUT, "recoverable-%s" % n)
