@@ -1078,7 +1078,7 @@ def test_program_locks_live_in_one_directory_and_are_cleaned_up(project, sups):
 @pytest.mark.parametrize("config, message", [
     ("[supervise]\nlogdir = x\n[program:w]\ncommand = consume async\n",
      "unknown setting 'logdir' in [supervise] (known: app, dsn, log_dir, log_format, logfile_backups, "
-     "logfile_maxbytes, scheduler)"),
+     "logfile_maxbytes, ping_file, scheduler)"),
     ("[supervisor]\n[program:w]\ncommand = consume async\n", "unknown section [supervisor]"),
     ("[program:w]\ncommand = consume async\nenvironment = A=1,,\n", "[program:w]: environment = 'A=1,,' is not valid"),
     ("[program:w]\ncommand = consume async\ndirectory = /no/such/dir\n", "directory = '/no/such/dir' is not valid"),
