@@ -580,7 +580,7 @@ _SQL = {
                       "WHERE claimed_by = ? AND delivered_at IS NOT NULL",
     # claims a worker never saw: committed while its connection was lost before the answer came back
     "release_own": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1 "
-                   "WHERE claimed_by = ? AND delivered_at IS NOT NULL AND id <> ?",
+                   "WHERE claimed_by = ? AND delivered_at IS NOT NULL AND NOT (id {in_ids})",
     "any_unowned": "SELECT 1 FROM {messages} WHERE delivered_at IS NOT NULL AND delivered_at < ? "
                    "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
     "release_unowned": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
@@ -1139,15 +1139,15 @@ class Transport:
             released += conn.execute(self.sql["release_unowned"], (now, now - self.settings.redeliver_timeout)).rowcount
         return forgotten, released
 
-    def release_own(self, worker_id, keep=None):
-        """Give back every claim of this worker but ``keep`` (the message whose outcome it still has to settle).
+    def release_own(self, worker_id, keep=()):
+        """Give back every claim of this worker but ``keep`` (messages whose outcome it still has to settle).
 
         After a lost connection a worker cannot know whether its last claim
         committed; what it holds and does not know about goes back, its
         attempt given back too.  Returns how many.
         """
         try:
-            return self.connection().execute(self.sql["release_own"], (worker_id, -1 if keep is None else keep)).rowcount
+            return self.connection().execute(self.sql["release_own"], (worker_id, self._ids_param(list(keep)))).rowcount
         except self.driver_errors as exc:
             raise self._error(exc) from None
 
@@ -3027,6 +3027,7 @@ logging.addLevelName(_SQL_TRACE, "SQL")
 _LEVELS = {0: logging.INFO, 1: _VERBOSE, 2: logging.DEBUG, 3: _SQL_TRACE}
 _TRACEBACK_LIMIT = 20000
 _STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt gets this long before the worker exits
+_MAX_THREADS = 256  # handler threads per worker process
 
 
 _LOG_FORMATS = ("text", "json")
@@ -3161,6 +3162,65 @@ class _ForcedStop(BaseException):
     """A second SIGINT/SIGTERM: stop now, even in the middle of a handler."""
 
 
+class _TimedOutInThread(BaseException):
+    """Raised by the heartbeat into a handler thread that ran past its timeout."""
+
+
+class _CancelledInThread(BaseException):
+    """Raised by the heartbeat into a handler thread whose message was cancelled."""
+
+
+def _raise_in_thread(thread_id, exc_class):
+    """Raise ``exc_class`` in another thread at its next Python instruction (None: forget a pending one).
+
+    A thread blocked in C (a socket read, time.sleep) sees it when that call
+    returns; the heartbeat ends a process whose handler stays stuck past that.
+    """
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_class) if exc_class is not None else None)
+
+
+class _Lane:
+    """One handler slot of a worker, and how to interrupt what runs in it; ``--threads N`` gives N."""
+
+    def __init__(self, alarm=True):
+        #: runs in the main thread, where SIGALRM interrupts a handler at its timeout
+        self.alarm = alarm
+        self.thread_id = None
+        self.current = None  # (delivery, handler, headers) while a handler runs
+        self.holding = None  # the id of the claimed message not yet settled
+        self.interrupted = None  # the delivery a forced stop cut short
+        self.deadline = None  # monotonic time past which the running handler is stuck
+        self.alarm_armed = self.alarm_fired = False
+        self.call_frame = None
+        self.cancelled = None  # the id of the running message, once it is cancelled
+        self.task = None  # the running coroutine handler's task
+        self.event_loop = None
+        # threads: the heartbeat raises into a handler at most once per message, and only while it runs
+        self.lock = threading.Lock()
+        self.interruptible = False
+        self.interrupted_by = None  # the exception class raised into it
+
+    def open_interrupts(self):
+        with self.lock:
+            self.interruptible, self.interrupted_by = True, None
+
+    def close_interrupts(self):
+        """No exception may land in the worker's own code: forget one raised but not yet seen."""
+        with self.lock:
+            self.interruptible = False
+            if self.interrupted_by is not None:
+                _raise_in_thread(self.thread_id, None)
+
+    def interrupt(self, exc_class):
+        """Raise ``exc_class`` into the handler running in this lane's thread (once per message)."""
+        with self.lock:
+            if not self.interruptible or self.interrupted_by is not None or self.thread_id is None:
+                return False
+            self.interrupted_by = exc_class
+            return _raise_in_thread(self.thread_id, exc_class) == 1
+
+
 class Worker:
     """Claims messages from its queues in priority order and runs their handlers.
 
@@ -3171,11 +3231,13 @@ class Worker:
     longest idle wait between polls; a committed message wakes it at once.
     ``owns_process`` (the command line, the supervisor's children) lets it exit
     the process when a handler is stuck where Python cannot interrupt it.
+    ``threads`` runs that many handlers at once, each in its own thread
+    claiming its own messages (for handlers that wait on the network).
     """
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
                  name=None, install_signals=True, parent_pid=None, stop_timeout=10.0, owns_process=False,
-                 on_ready=None, until_empty=False, replay_filter=None, ping_file=None):
+                 on_ready=None, until_empty=False, replay_filter=None, ping_file=None, threads=1):
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
         #: `consume failed`: each failed message (oldest first) runs its handler once more; one pass
@@ -3190,6 +3252,10 @@ class Worker:
         for option, value in (("limit", limit), ("failure_limit", failure_limit), ("memory_limit", memory_limit)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ConfigurationError("%s must be a whole number >= 0, not %r" % (option, value))
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= _MAX_THREADS:
+            raise ConfigurationError("threads must be a whole number from 1 to %d, not %r" % (_MAX_THREADS, threads))
+        if threads > 1 and self.replay:
+            raise ConfigurationError("consume failed replays one message at a time: it takes no --threads")
         for option, value in (("time_limit", time_limit), ("sleep", sleep)):
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
                 raise ConfigurationError("%s must be a number of seconds >= 0, not %r" % (option, value))
@@ -3212,15 +3278,12 @@ class Worker:
         self._stop_reason = None
         self._stop_logged = False
         self._waiter = None
-        self._event_loop = None
-        self._current = None  # (delivery, handler, headers) while a handler runs
-        self._interrupted = None  # the delivery a forced stop cut short
-        self._deadline = None  # monotonic time past which the running handler is stuck
-        self._alarm_armed = False
-        self._alarm_fired = False
-        self._call_frame = None
-        self._cancelled = None  # the id of the running message, once it is cancelled
-        self._task = None  # the running coroutine handler's task
+        self.threads = threads
+        self._lanes = [_Lane(alarm=threads == 1)] if threads == 1 else [_Lane(alarm=False) for _ in range(threads)]
+        self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
+        self._idle_turn = threading.Condition()
+        self._idle_generation = 0
+        self._forced = False  # threads abandoned by a second signal
         self._counts = {}  # (minute, queue, handler) -> [handled, retried, failed], flushed by the heartbeat
         self._counts_lock = threading.Lock()
         self._signals_installed = False
@@ -3240,10 +3303,18 @@ class Worker:
         if self._waiter is not None:
             self._waiter.wake()
 
+    def _busy(self):
+        """What the first busy lane runs: ``(delivery, handler, headers)``, or None."""
+        for lane in self._lanes:
+            current = lane.current
+            if current is not None:
+                return current
+        return None
+
     def _on_signal(self, signum, frame):
         self._signals_seen += 1
         name = signal.Signals(signum).name
-        current = self._current
+        current = self._busy()
         if self._signals_seen > 1 and current is not None:
             raise _ForcedStop(name)
         self.stop("received %s" % name)
@@ -3256,38 +3327,41 @@ class Worker:
 
     def _announce_stop(self):
         """Say that a stop waits for the running handler (from the heartbeat: never from a signal handler)."""
-        current = self._current
+        current = self._busy()
         if self._stop_reason is not None and current is not None and not self._stop_announced:
             self._stop_announced = True
             _log.info("%s: finishing message %d (%s) first; a second signal aborts it", self._stop_reason,
                       current[0].id, current[1].name)
 
     def _on_alarm(self, signum, frame):
+        # Only the one lane of a worker without threads runs in the main thread, where alarms land.
+        lane = self._lanes[0]
         # An alarm that lands after the handler returned (we are back in _call's own frame) changes nothing.
-        if frame is self._call_frame or self._current is None:
+        if frame is lane.call_frame or lane.current is None or not lane.alarm:
             return
-        if self._cancelled is not None and self._cancelled == self._current[0].id:
-            self._alarm_fired = True
-            raise _Interrupted(_Cancelled("message %d was cancelled while it ran" % self._cancelled))
-        if self._alarm_armed:
-            self._alarm_armed = False
-            self._alarm_fired = True
-            raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % self._current[1].timeout))
+        if lane.cancelled is not None and lane.cancelled == lane.current[0].id:
+            lane.alarm_fired = True
+            raise _Interrupted(_Cancelled("message %d was cancelled while it ran" % lane.cancelled))
+        if lane.alarm_armed:
+            lane.alarm_armed = False
+            lane.alarm_fired = True
+            raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % lane.current[1].timeout))
 
     def cancel_current(self, message_id):
-        """Interrupt the running handler if it is still on ``message_id`` (from the heartbeat thread)."""
-        current = self._current
-        if current is None or current[0].id != message_id or self._cancelled == message_id:
-            return
-        self._cancelled = message_id
-        task, loop = self._task, self._event_loop
-        if task is not None and loop is not None:
-            loop.call_soon_threadsafe(task.cancel)
-        elif self._signals_installed:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
-        else:
-            _log.warning("message %d was cancelled; its handler runs in a thread that cannot be interrupted, so it "
-                         "runs to its end, and the message is not retried", message_id)
+        """Interrupt the handler running ``message_id``, if one still does (from the heartbeat thread)."""
+        for lane in self._lanes:
+            current = lane.current
+            if current is None or current[0].id != message_id or lane.cancelled == message_id:
+                continue
+            lane.cancelled = message_id
+            task, loop = lane.task, lane.event_loop
+            if task is not None and loop is not None:
+                loop.call_soon_threadsafe(task.cancel)
+            elif lane.alarm and self._signals_installed:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+            elif not lane.interrupt(_CancelledInThread):
+                _log.warning("message %d was cancelled; its handler could not be interrupted, so it runs to its end, "
+                             "and the message is not retried", message_id)
 
     def _install_signals(self):
         if not self.install_signals or threading.current_thread() is not threading.main_thread():
@@ -3340,10 +3414,16 @@ class Worker:
         except _ForcedStop as forced:
             self._stop_reason = "received %s twice: stopped in the middle of a message" % forced
             self.exit_code = 1
-            if self._interrupted is not None:  # not its fault: the attempt is given back
-                outcome = _Outcome("release", self._interrupted)
+            lane = self._lanes[0]
+            if self.threads > 1:  # the threads are abandoned mid-handler: all they hold goes back, attempts given back
+                self._forced = True
+                with contextlib.suppress(JobRunnerError):
+                    self.transport.release_own(self.worker_id)
+            elif lane.interrupted is not None:  # not its fault: the attempt is given back
+                outcome = _Outcome("release", lane.interrupted)
         finally:
-            self._current = None
+            if self.threads == 1:
+                self._lanes[0].current = None
             if heartbeat is not None:
                 heartbeat.stop()
             self._finish(outcome)
@@ -3352,9 +3432,10 @@ class Worker:
             self._signals_installed = False
             waiter, self._waiter = self._waiter, None
             waiter.close()
-            if self._event_loop is not None:
-                self._event_loop.close()
-                self._event_loop = None
+            for lane in self._lanes:
+                if lane.event_loop is not None and not self._forced:
+                    lane.event_loop.close()
+                    lane.event_loop = None
         level = logging.INFO if self.exit_code == 0 else logging.ERROR
         _log.log(level, "worker %s stopped: %s (%d messages, %d failed attempts)", self.name, self._stop_reason,
                  self.processed, self.failed, extra={"event": "stopped"})
@@ -3382,6 +3463,61 @@ class Worker:
     def _loop(self, started):
         if self.replay:
             return self._replay_loop(started)
+        if self.threads == 1:
+            return self._lane_loop(self._lanes[0], started)
+        return self._run_lanes(started)
+
+    def _run_lanes(self, started):
+        """Run each lane in a thread of its own; this (main) thread only waits, so that signals land here."""
+        threads = [threading.Thread(target=self._lane_thread, args=(lane, started), name="jobrunner-lane-%d" % i,
+                                    daemon=True) for i, lane in enumerate(self._lanes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(1.0)
+        return None
+
+    def _lane_thread(self, lane, started):
+        outcome = None
+        try:
+            outcome = self._lane_loop(lane, started)
+        except BaseException as exc:  # a bug of ours: the worker stops, and says so
+            _log.critical("handler thread crashed: %s", _format_exception(exc).rstrip())
+            self.stop("a handler thread crashed: %s" % _error_class(exc), exit_code=1)
+        finally:
+            lane.current = None
+            self._finish_lane(outcome)
+            self.transport.close()  # this thread's connection
+
+    def _finish_lane(self, outcome):
+        """Settle a lane's last outcome; never raises."""
+        try:
+            if outcome is not None and not self.transport.settle(outcome):
+                _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
+                             outcome.delivery.id)
+        except JobRunnerError as exc:
+            _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
+                       outcome.delivery.id, exc)
+
+    def _take_slot(self):
+        """Count one more message before claiming it; False once ``limit`` messages were taken."""
+        with self._counts_lock:
+            if self.limit is not None and self.processed >= self.limit:
+                return False
+            self.processed += 1
+            return True
+
+    def _give_back_slot(self):
+        with self._counts_lock:
+            self.processed -= 1
+
+    def _held_elsewhere(self, lane):
+        """The messages other lanes hold: a lane that lost its connection must not give them back."""
+        return [other.holding for other in self._lanes if other is not lane and other.holding is not None]
+
+    def _lane_loop(self, lane, started):
+        lane.thread_id = threading.get_ident()
         outcome = None
         backoff = 0.0
         while True:
@@ -3390,13 +3526,19 @@ class Worker:
                 self.stop(reason)
             if self._stop_reason is not None:
                 return outcome
+            if not self._take_slot():
+                self.stop("message limit of %d reached" % self.limit)
+                continue
             try:
                 if backoff:  # the last claim failed: it may have committed all the same, unseen
-                    released = self.transport.release_own(self.worker_id, outcome.delivery.id if outcome else None)
+                    keep = self._held_elsewhere(lane) + ([outcome.delivery.id] if outcome else [])
+                    released = self.transport.release_own(self.worker_id, keep)
                     if released:
                         _log.warning("gave back %d message(s) claimed while the connection was lost", released)
                 delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
+                lane.holding = delivery.id if delivery is not None else None
             except StorageError as exc:
+                self._give_back_slot()
                 backoff = min(30.0, max(0.5, backoff * 2))
                 _log.error("%s; retrying in %gs", exc, backoff)
                 if self.time_limit is not None:
@@ -3409,12 +3551,16 @@ class Worker:
                              outcome.delivery.id)
             outcome = None
             if delivery is None:
+                self._give_back_slot()
                 if self.until_empty:
                     self.stop("no message is ready")
                     continue
-                self._idle(token, due, started)
+                if self.threads == 1:
+                    self._idle(token, due, started)
+                else:
+                    self._idle_lane(token, due, started)
                 continue
-            outcome = self._process(delivery)
+            outcome = self._process(delivery, lane)
 
     def _replay_loop(self, started):
         # A replay killed on this host left its message claimed: give it back now, not at the first reap,
@@ -3446,7 +3592,8 @@ class Worker:
                 _log.error("%s; retrying in 1s", exc)
                 self._waiter.sleep(1.0)
                 continue
-            outcome = self._process(delivery)
+            self.processed += 1
+            outcome = self._process(delivery, self._lanes[0])
 
     def _idle(self, token, due, started):
         self._log_stop_signal()
@@ -3460,6 +3607,23 @@ class Worker:
         except JobRunnerError as exc:
             _log.error("waiting for messages: %s", exc)
             self._waiter.sleep(min(timeout, 1.0))
+
+    def _idle_lane(self, token, due, started):
+        """Threads: one idle lane waits for a commit; the others wait for it to come back, then all claim."""
+        with self._idle_turn:
+            generation = self._idle_generation
+        if self._idle_lock.acquire(blocking=False):
+            try:
+                self._idle(token, due, started)
+            finally:
+                self._idle_lock.release()
+                with self._idle_turn:
+                    self._idle_generation += 1
+                    self._idle_turn.notify_all()
+        else:
+            with self._idle_turn:
+                self._idle_turn.wait_for(lambda: self._idle_generation != generation or self._stop_reason is not None,
+                                         timeout=min(max(self.sleep, 0.01), 1.0))
 
     def _log_stop_signal(self):
         """Say, from the loop (never from a signal handler), that a stop was asked while a handler ran."""
@@ -3495,14 +3659,13 @@ class Worker:
 
     # One message: decode, call, outcome
 
-    def _process(self, delivery):
-        """Run one claimed message; return the outcome to settle (None when settled already)."""
-        self.processed += 1
-        self._cancelled = None
+    def _process(self, delivery, lane):
+        """Run one claimed message in ``lane``; return the outcome to settle (None when settled already)."""
+        lane.cancelled = None
         handler, headers, payload, outcome = self._decode(delivery)
         if outcome is not None:
             return outcome
-        self._current = (delivery, handler, headers)
+        lane.current = (delivery, handler, headers)
         if self.app._hooks["before"]:
             self.app._call_hooks("before", _hook_envelope(delivery, handler.name, headers, payload))
         started = time.perf_counter()
@@ -3515,16 +3678,17 @@ class Worker:
                     # contention is nobody's failure: back on the queue, the attempt given back
                     _log.warning("message %d (%s): %s; back on the queue", delivery.id, handler.name, exc)
                     return _Outcome("release", delivery)
-            failure = self._call(handler, payload, conn)
+            failure = self._call(handler, payload, conn, lane)
             acked = False
             if conn is not None:
                 try:
                     # a cancelled message's transaction rolls back, whatever its handler did
-                    ok = failure is None and self._cancelled != delivery.id
+                    ok = failure is None and lane.cancelled != delivery.id
                     acked = self.transport.finish_handler(conn, delivery, ok)
                 except Exception as exc:
                     failure, acked = exc, False
-            if isinstance(failure, _Cancelled) or self._cancelled == delivery.id:
+                lane.holding = None if acked else lane.holding
+            if isinstance(failure, _Cancelled) or lane.cancelled == delivery.id:
                 return self._was_cancelled(delivery, handler, failure)
             if conn is not None:
                 if failure is None:
@@ -3546,10 +3710,10 @@ class Worker:
                 with contextlib.suppress(Exception):
                     self.transport.finish_handler(conn, delivery, False)
             self.transport.abandon_transaction()
-            self._interrupted = delivery
+            lane.interrupted = delivery
             raise
         finally:
-            self._current = None
+            lane.current = None
 
     def _was_cancelled(self, delivery, handler, failure):
         """A message cancelled while it ran is removed: neither retried nor failed."""
@@ -3588,17 +3752,29 @@ class Worker:
                 "it (%d attempts)" % (counted - 1), error_class="WorkerDied", attempts=delivery.attempts - 1)
         return handler, headers, payload, None
 
-    def _call(self, handler, payload, conn):
+    def _call(self, handler, payload, conn, lane):
         """Run the handler; return the exception its attempt failed with, or None."""
         kwargs = payload if conn is None else dict(payload, db=conn)
-        self._alarm_fired = False
+        lane.alarm_fired = False
+        by_thread = not (lane.alarm and self._signals_installed)  # interrupted by the heartbeat, not by SIGALRM
         try:
-            if conn is not None:
-                self.app._tx.conn = conn
-            if handler.is_async:
-                self._run_coroutine(handler, kwargs)
-            else:
-                self._run_function(handler, kwargs)
+            try:
+                if conn is not None:
+                    self.app._tx.conn = conn
+                if by_thread:
+                    lane.thread_id = threading.get_ident()
+                    lane.open_interrupts()
+                if handler.is_async:
+                    self._run_coroutine(handler, kwargs, lane)
+                else:
+                    self._run_function(handler, kwargs, lane)
+            finally:
+                if by_thread:
+                    lane.close_interrupts()
+        except _TimedOutInThread:
+            return HandlerTimeout("handler ran past its timeout of %gs" % handler.timeout)
+        except _CancelledInThread:
+            return _Cancelled("message %d was cancelled while it ran" % lane.cancelled)
         except _Interrupted as exc:
             return exc.error
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -3610,38 +3786,38 @@ class Worker:
             return exc
         finally:
             self.app._tx.conn = None
-        if self._alarm_fired:  # the handler caught the interruption and carried on
+        if lane.alarm_fired or lane.interrupted_by is _TimedOutInThread:  # it caught the interruption, carried on
             return HandlerTimeout("handler ran past its timeout of %gs (and caught the interruption)" % handler.timeout)
         return None
 
-    def _run_function(self, handler, kwargs):
-        self._call_frame = sys._getframe()
+    def _run_function(self, handler, kwargs, lane):
+        lane.call_frame = sys._getframe()
         timeout = handler.timeout
         if not timeout:
             return handler.fn(**kwargs)
-        self._deadline = time.monotonic() + timeout
-        armed = self._signals_installed
+        lane.deadline = time.monotonic() + timeout
+        armed = lane.alarm and self._signals_installed
         if armed:
-            self._alarm_armed = True
+            lane.alarm_armed = True
             signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
             return handler.fn(**kwargs)
         finally:
             if armed:
-                self._alarm_armed = False
+                lane.alarm_armed = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            self._deadline = None
+            lane.deadline = None
 
-    def _run_coroutine(self, handler, kwargs):
+    def _run_coroutine(self, handler, kwargs, lane):
         import asyncio
 
-        if self._event_loop is None:
-            self._event_loop = asyncio.new_event_loop()
-        loop = self._event_loop
-        task = self._task = loop.create_task(handler.fn(**kwargs))
+        if lane.event_loop is None:
+            lane.event_loop = asyncio.new_event_loop()
+        loop = lane.event_loop
+        task = lane.task = loop.create_task(handler.fn(**kwargs))
         timeout = handler.timeout
         if timeout:
-            self._deadline = time.monotonic() + timeout
+            lane.deadline = time.monotonic() + timeout
         try:
             done, _ = loop.run_until_complete(asyncio.wait({task}, timeout=timeout))
             if not done:
@@ -3649,18 +3825,22 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     loop.run_until_complete(task)  # let it clean up after its cancellation
                 raise _Interrupted(HandlerTimeout("handler ran past its timeout of %gs" % timeout))
-            if task.cancelled() and self._cancelled is not None:
-                raise _Interrupted(_Cancelled("message %d was cancelled while it ran" % self._cancelled))
+            if task.cancelled() and lane.cancelled is not None:
+                raise _Interrupted(_Cancelled("message %d was cancelled while it ran" % lane.cancelled))
             return task.result()
         finally:
-            self._deadline = None
-            self._task = None
+            lane.deadline = None
+            lane.task = None
             if not task.done():
                 task.cancel()
 
     def _count(self, delivery, name, column):
         key = (time.time() // 60 * 60, delivery.queue, name or "?")
-        with self._counts_lock:
+        with self._counts_lock:  # lanes count from their own threads
+            if column:
+                self.failed += 1
+            else:
+                self.handled += 1
             row = self._counts.get(key)
             if row is None:
                 row = self._counts[key] = [0, 0, 0]
@@ -3681,7 +3861,6 @@ class Worker:
                     row[i] += value
 
     def _succeeded(self, delivery, handler, started, headers, payload):
-        self.handled += 1
         self._count(delivery, handler.name, 0)
         if _log.isEnabledFor(_VERBOSE):
             _log.log(_VERBOSE, "message %d handled by %s in %.1f ms (attempt %d)", delivery.id, handler.name,
@@ -3692,7 +3871,6 @@ class Worker:
         return _Outcome("ack", delivery)
 
     def _failed(self, delivery, retry, name, headers, exc, payload=None):
-        self.failed += 1
         if self.replay:  # once more, and no more: it stays in the failure queue with this error added
             outcome = _fail_outcome(delivery, headers, _error_class(exc), str(exc), _format_exception(exc)[-_TRACEBACK_LIMIT:])
         else:
@@ -3713,7 +3891,6 @@ class Worker:
         return outcome
 
     def _poison(self, delivery, headers, reason, error_class="InvalidMessage", attempts=None):
-        self.failed += 1
         name = headers.get("handler")
         self._count(delivery, name if isinstance(name, str) else None, 2)
         _log.error("message %d moved to the failure queue: %s", delivery.id, reason,
@@ -3878,13 +4055,14 @@ class _Heartbeat(threading.Thread):
 
     def _beat(self):
         worker = self.worker
-        current = worker._current
+        running = [lane.current[0].id for lane in worker._lanes if lane.current is not None]
         if worker.ping_file:
             _touch(worker.ping_file)
         alive, stop_at = self.transport.beat(worker.worker_id, worker.handled, worker.failed, _rss_bytes(),
-                                             current[0].id if current else None)
-        if current is not None and self.transport.is_cancelled(current[0].id):
-            worker.cancel_current(current[0].id)
+                                             running[0] if running else None)
+        for message_id in running:
+            if self.transport.is_cancelled(message_id):
+                worker.cancel_current(message_id)
         counts = worker.take_counts()
         if counts:
             try:
@@ -3915,12 +4093,20 @@ class _Heartbeat(threading.Thread):
             self.transport.maintain()
 
     def _check_stuck_handler(self, now):
-        worker = self.worker
-        deadline, current = worker._deadline, worker._current
-        if deadline is None or current is None or now < deadline + _STUCK_GRACE_S:
+        stuck = None
+        for lane in self.worker._lanes:
+            deadline, current = lane.deadline, lane.current
+            if deadline is None or current is None or now < deadline:
+                continue
+            if lane.task is None and not (lane.alarm and self.worker._signals_installed):
+                lane.interrupt(_TimedOutInThread)  # a thread's handler: no alarm reaches it, this does
+            if now >= deadline + _STUCK_GRACE_S:
+                stuck = current
+        if stuck is None:
             self._stuck_reported = False
             return
-        delivery, handler, _ = current
+        worker = self.worker
+        delivery, handler, _ = stuck
         if not worker.owns_process:
             if not self._stuck_reported:  # a host process's thread: its process is not ours to end
                 self._stuck_reported = True
@@ -3930,6 +4116,9 @@ class _Heartbeat(threading.Thread):
         # Its claim goes back on the queue with this attempt counted (released by the supervisor or a reaper).
         _log.critical("message %d (%s): handler stuck past its timeout of %gs where Python cannot interrupt it; "
                       "exiting so it can be retried", delivery.id, handler.name, handler.timeout)
+        if worker.threads > 1:  # the other threads' messages did nothing wrong: back with their attempts uncounted
+            with contextlib.suppress(JobRunnerError):
+                self.transport.release_own(worker.worker_id, [delivery.id])
         logging.shutdown()
         os._exit(70)
 
@@ -3941,9 +4130,9 @@ class _Heartbeat(threading.Thread):
 
     def _exit_if_stuck(self, grace):
         deadline = time.monotonic() + grace
-        while self.worker._current is not None and time.monotonic() < deadline:
+        while self.worker._busy() is not None and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self.worker._current is not None and self.worker.owns_process:
+        if self.worker._busy() is not None and self.worker.owns_process:
             _log.error("still busy %gs after the supervisor died; exiting, the message will be delivered again", grace)
             logging.shutdown()
             os._exit(1)
@@ -4107,6 +4296,8 @@ class ProgramConfig:
     log_format: str = "text"
     #: ``worker``, or ``scheduler`` (the supervisor adds it for an app with periodic handlers)
     kind: str = "worker"
+    #: handlers run at once in each process, each in its own thread
+    threads: int = 1
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name or ""):
@@ -4122,11 +4313,14 @@ class ProgramConfig:
             _check_queue_name(queue)
         if self.autorestart not in _AUTORESTART:
             raise ConfigurationError("autorestart must be true, false or unexpected, not %r" % (self.autorestart,))
-        for key in ("numprocs", "startretries", "log_backups", "log_max_bytes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < (1 if key == "numprocs" else 0):
+        for key in ("numprocs", "threads", "startretries", "log_backups", "log_max_bytes"):
+            value, least = getattr(self, key), 1 if key in ("numprocs", "threads") else 0
+            if not isinstance(value, int) or value < least:
                 raise ConfigurationError("%s of program %s must be a whole number >= %d, not %r"
-                                         % (key, self.name, 1 if key == "numprocs" else 0, value))
+                                         % (key, self.name, least, value))
+        if self.threads > _MAX_THREADS:
+            raise ConfigurationError("threads of program %s must be at most %d, not %d"
+                                     % (self.name, _MAX_THREADS, self.threads))
         for key in ("limit", "failure_limit", "memory_limit", "time_limit"):
             if getattr(self, key) == 0:
                 raise ConfigurationError("program %s: --%s 0 would restart its workers in a loop"
@@ -4723,7 +4917,7 @@ class Supervisor:
                 worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
                                 memory_limit=program.memory_limit, time_limit=program.time_limit, sleep=program.sleep,
                                 name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs,
-                                owns_process=True, on_ready=say_ready, ping_file=ping)
+                                owns_process=True, on_ready=say_ready, ping_file=ping, threads=program.threads)
             worker.run()
             code = worker.exit_code
         except JobRunnerError as exc:
@@ -5162,6 +5356,9 @@ _LIMITS = (
     _option("--time-limit", type="seconds", help="Stop after this many seconds."),
     _option("--sleep", type="seconds", default=1.0, show_default=True,
             help="Longest idle wait between polls; new messages wake the worker at once."),
+    _option("--threads", type="positive_count", default=1, show_default=True,
+            help="Handlers run at once in each worker process, each in its own thread (for handlers that wait on "
+                 "the network; CPU-bound handlers want more processes instead)."),
     _option("--heartbeat-timeout", type="positive",
             help="Seconds of silence after which a worker counts as dead and its message is released."),
     _VERBOSITY,
@@ -5349,8 +5546,8 @@ _PING_FILE = _option("--ping-file", metavar="PATH",
           _option("--error", "errors", multiple=True, metavar="CLASS",
                   help="With `consume failed`: only messages that failed with this error class (repeatable)."),
           _APP)
-def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format,
-                 ping_file, handlers, errors, app_spec, dsn):
+def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, threads, heartbeat_timeout, verbosity,
+                 log_format, ping_file, handlers, errors, app_spec, dsn):
     """Handle messages from QUEUES, the first non-empty one first (default: every queue of the app).
 
     Stops after the current message on SIGTERM, SIGINT, `stop-workers` or a
@@ -5364,7 +5561,7 @@ def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, 
     if (handlers or errors) and list(queues) != [FAILED_QUEUE]:
         raise ConfigurationError("--handler and --error choose failed messages: they go with consume failed")
     worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
-                        time_limit=time_limit, sleep=sleep, name="consume", owns_process=True,
+                        time_limit=time_limit, sleep=sleep, name="consume", owns_process=True, threads=threads,
                         replay_filter=replay_filter,
                         ping_file=_expand_ping_file(ping_file, "consume", os.getpid()) if ping_file else None)
     worker.run()
@@ -5675,8 +5872,8 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
           _LIMITS, _APP)
 def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
                    log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, scheduler, ping_file,
-                   limit, failure_limit, memory_limit, time_limit, sleep, heartbeat_timeout, verbosity, log_format,
-                   app_spec, dsn):
+                   limit, failure_limit, memory_limit, time_limit, sleep, threads, heartbeat_timeout, verbosity,
+                   log_format, app_spec, dsn):
     """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
 
     With no queue, the workers take every queue of the app. SIGTERM/SIGINT
@@ -5703,7 +5900,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
         programs = [ProgramConfig(
             name or ("-".join(queues) if queues else "worker"), list(queues), numprocs, limit, failure_limit,
             memory_limit, time_limit, sleep, verbosity, autorestart, startsecs, startretries, stopwaitsecs,
-            log_max_bytes, log_backups, log_format=log_format)]
+            log_max_bytes, log_backups, log_format=log_format, threads=threads)]
     if spec is None:
         raise ConfigurationError(_NO_APP)
     _configure_logging(0, "supervisor", log_format=log_format)
@@ -5829,7 +6026,7 @@ _SUPERVISE_KEYS = {"app": str, "dsn": str, "log_dir": str, "log_format": _log_fo
 _PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
                  "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
                  "log_backups": int, "stdout_logfile_backups": int, "environment": _parse_environment,
-                 "directory": _existing_directory}
+                 "directory": _existing_directory, "threads": int}
 _PROGRAM_ALIASES = {"stdout_logfile_maxbytes": "log_max_bytes", "stdout_logfile_backups": "log_backups"}
 # supervisord settings that mean nothing here (jobrunner names processes and logs itself): accepted, with a warning
 _IGNORED_SUPERVISORD_KEYS = {"process_name", "user", "autostart", "redirect_stderr", "stdout_logfile",
@@ -5903,7 +6100,8 @@ def _read_program(name, options):
         values[_PROGRAM_ALIASES.get(key, key)] = value
     return ProgramConfig(program, list(params["queues"]), limit=params["limit"], failure_limit=params["failure_limit"],
                          memory_limit=params["memory_limit"], time_limit=params["time_limit"], sleep=params["sleep"],
-                         verbosity=params["verbosity"], log_format=params["log_format"], **values)
+                         verbosity=params["verbosity"], log_format=params["log_format"],
+                         **dict({"threads": params["threads"]}, **values))
 
 
 # Building and running the click commands

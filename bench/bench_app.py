@@ -25,3 +25,9 @@ def latency(n, sent_at):
     started = time.time()
     with open(os.path.join(OUT, "latency"), "a") as f:
         f.write("%.6f\n" % (started - sent_at))
+
+
+@jobs.handler(queue="io")
+def io_record(n):
+    time.sleep(0.010)  # an I/O-bound handler: a network call
+    record_line(n)

@@ -57,7 +57,7 @@ def _bare_connect(path):
     return conn
 
 
-def _bare_worker(path, out, record, results):
+def _bare_worker(path, out, record, results, wait=0.0):
     conn = _bare_connect(path)
     done = 0
     while True:
@@ -69,6 +69,8 @@ def _bare_worker(path, out, record, results):
             break
         body = json.loads(row[1])
         json.loads(row[2])
+        if wait:
+            time.sleep(wait)
         if record:
             record_line(out, body["n"])
         conn.execute("BEGIN IMMEDIATE")
@@ -78,8 +80,11 @@ def _bare_worker(path, out, record, results):
     results.put(done)
 
 
-def bare(directory, n, workers, record=True):
-    """The bare claim/ack loop of ../shared/bench/raw_sqlite.py: one UPDATE ... RETURNING and one DELETE per message."""
+def bare(directory, n, workers, record=True, wait=0.0):
+    """The bare claim/ack loop of ../shared/bench/raw_sqlite.py: one UPDATE ... RETURNING and one DELETE per message.
+
+    ``wait``: seconds each handler waits (an I/O-bound handler).
+    """
     path = os.path.join(directory, "bare.db")
     out = os.path.join(directory, "out")
     conn = _bare_connect(path)
@@ -104,7 +109,9 @@ def bare(directory, n, workers, record=True):
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     started = time.perf_counter()
-    procs = [ctx.Process(target=_bare_worker, args=(path, out, record, results)) for _ in range(workers)]
+    with open(os.path.join(directory, "bare.started"), "w") as f:
+        f.write(repr(started))
+    procs = [ctx.Process(target=_bare_worker, args=(path, out, record, results, wait)) for _ in range(workers)]
     for p in procs:
         p.start()
     handled = sum(results.get() for _ in procs)

@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
+import concurrency  # noqa: E402
 import jobrunner  # noqa: E402
 import peers  # noqa: E402
 
@@ -32,6 +33,8 @@ LINE = 10  # bytes per recorded message: "%09d\n"
 
 class Run:
     """A scratch directory with an output folder, counting handled messages from file sizes."""
+
+    root = ROOT
 
     def __init__(self, name):
         self.dir = tempfile.mkdtemp(prefix="jobrunner-bench-%s-" % name)
@@ -154,7 +157,7 @@ def wake_up(samples):
         latencies = sorted(float(line) for line in f)
     run.close([proc])
     return {"median_ms": statistics.median(latencies) * 1000, "p95_ms": latencies[int(len(latencies) * 0.95)] * 1000,
-            "idle_cpu_pct": idle_cpu * 100}
+            "idle_cpu_pct": idle_cpu * 100, "latencies_ms": [x * 1000 for x in latencies]}
 
 
 def claim_cost(queue_size, sample):
@@ -212,6 +215,10 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="runs per throughput figure; the median is kept")
     parser.add_argument("--scale", type=int, default=1000000, help="messages in the big queue (default 1,000,000)")
     parser.add_argument("--memory-messages", type=int, default=100000)
+    parser.add_argument("--concurrency", default="4,16,32,64",
+                        help="concurrent 10 ms handlers to measure (default 4,16,32,64; empty: skip)")
+    parser.add_argument("--plot", metavar="DIR", nargs="?", const="docs",
+                        help="write PNG charts of this run to DIR (default docs/; needs matplotlib)")
     args = parser.parse_args()
     n, w = args.n, args.workers
     print("machine: %d cores, Python %s, SQLite %s; n=%d, %d workers, median of %d runs"
@@ -225,6 +232,13 @@ def main():
     print("  dispatch one by one        %9.0f %9.0f   %9.0f   %9.0f" % (ours["enqueue"], huey["enqueue"], bare["enqueue"], bare_silent["enqueue"]))
     print("  dispatch_many / batch      %9.0f %9s   %9.0f   %9.0f" % (ours["batch"], "-", bare["batch"], bare_silent["batch"]))
     print("  drain, %d workers           %9.0f %9.0f   %9.0f   %9.0f" % (w, ours["drain"], huey["drain"], bare["drain"], bare_silent["drain"]), flush=True)
+
+    load_rate = ours["drain"] / 2
+    load = concurrency.latency_under_load(Run, load_rate, 10)
+    print("\nlatency under load (dispatch at %.0f/s, half the drain rate, 2 workers): median %.2f ms, p99 %.2f ms "
+          "(targets 2 ms, 20 ms): %s" % (load["rate"], load["median_ms"], load["p99_ms"],
+                                         verdict(load["median_ms"] <= 2 and load["p99_ms"] <= 20)), flush=True)
+    io = io_sweep([int(c) for c in args.concurrency.split(",") if c.strip()])
 
     wake = wake_up(200)
     small, stats_small = claim_cost(10000, 5000)
@@ -252,6 +266,49 @@ def main():
     print("\nratios")
     for name, ratio, target, ok in checks:
         print("  %-38s %6.2fx   target %-24s %s" % (name, ratio, target, verdict(ok) if target[0] != "(" else ""))
+    if args.plot:
+        import charts
+
+        for path in charts.draw(args.plot, io, load, wake, {"jobrunner": ours, "huey": huey, "bare": bare}):
+            print("chart: %s" % path)
+
+
+# I/O-bound handlers: (label, how) for each contender; how(c) runs c concurrent handlers and returns rates
+IO_CONTENDERS = [
+    ("jobrunner, processes", lambda n, c: concurrency.jobrunner_io(Run, n, c, 1)),
+    ("jobrunner, threads", lambda n, c: concurrency.jobrunner_io(Run, n, max(1, c // 16), c // max(1, c // 16))),
+    ("huey, processes", lambda n, c: concurrency.huey_io(Run, n, c, "process")),
+    ("huey, threads", lambda n, c: concurrency.huey_io(Run, n, c, "thread")),
+    ("bare loop, processes", lambda n, c: concurrency.bare_io(Run, n, c)),
+]
+
+
+def io_sweep(levels):
+    """Each contender at each level of concurrency; messages per level: 3 s of the ideal rate."""
+    results = {label: {} for label, _ in IO_CONTENDERS}
+    if not levels:
+        return results
+    print("\nI/O-bound handlers (each waits 10 ms): fraction of the ideal C/10ms, cold (from start) / steady "
+          "(5-95 %%), peak RSS of the process tree")
+    print("  %-22s" % "concurrent handlers" + "".join("%22d" % c for c in levels))
+    for label, how in IO_CONTENDERS:
+        cells = []
+        for c in levels:
+            ideal = c / concurrency.WAIT
+            rates = how(int(ideal * 3), c)
+            results[label][c] = dict(rates, ideal=ideal)
+            cells.append("%5.2f / %4.2f %6.0fM" % (rates["cold"] / ideal, rates["steady"] / ideal,
+                                                   rates["rss"] / 2 ** 20) if rates["rss"] else
+                         "%5.2f / %4.2f        " % (rates["cold"] / ideal, rates["steady"] / ideal))
+        print("  %-22s" % label + "".join("%22s" % cell for cell in cells), flush=True)
+    top = max(levels)
+    threads = results["jobrunner, threads"][top]
+    print("%d concurrent handlers on threads (%d processes): %.2f of ideal steady, %.2f cold, tree RSS %.0f MB "
+          "(targets 0.9, 300 MB): %s" % (top, max(1, top // 16), threads["steady"] / threads["ideal"],
+                                        threads["cold"] / threads["ideal"], threads["rss"] / 2 ** 20,
+                                        verdict(threads["steady"] / threads["ideal"] >= 0.9
+                                                and threads["rss"] < 300 * 2 ** 20)))
+    return results
 
 
 if __name__ == "__main__":

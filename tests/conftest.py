@@ -1,6 +1,7 @@
 """Shared fixtures: every test gets its own project directory with a fresh SQLite
 file, runs the real command line in real processes, and leaves none behind."""
 
+import collections
 import os
 import signal
 import sqlite3
@@ -19,19 +20,55 @@ JOBRUNNER = str(REPO / "jobrunner.py")
 sys.path.insert(0, str(APPS))
 
 
+# Figures for the end-of-run summary (the README's Reliability section quotes them), as the tests that ran counted
+# them.  A test adds them to its own report, so that they reach the summary from pytest-xdist's workers too.
 FIGURES = []
+COUNTS = collections.Counter()  # (name, what) -> n, summed over every test (and worker) that counted
+_PENDING = {"figures": [], "counts": collections.Counter()}
 
 
 def report(line):
-    """A figure for the end-of-run summary (the README's Reliability section quotes them); a callable is asked
-    at the end of the run, and reports nothing when it returns None."""
-    FIGURES.append(line)
+    """A line for the end-of-run summary."""
+    _PENDING["figures"].append(line)
+
+
+def count(name, what, n=1):
+    """Add to a counter of the end-of-run summary (generated examples, checked rows)."""
+    _PENDING["counts"][name, what] += n
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    result = yield
+    if call.when == "teardown":
+        test_report = result.get_result()
+        test_report.user_properties.extend(("figure", line) for line in _PENDING["figures"])
+        test_report.user_properties.extend(("count", [name, what, n]) for (name, what), n in _PENDING["counts"].items())
+        _PENDING["figures"], _PENDING["counts"] = [], collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "teardown":
+        return
+    for key, value in report.user_properties:
+        if key == "figure":
+            FIGURES.append(value)
+        elif key == "count":
+            COUNTS[value[0], value[1]] += value[2]
+
+
+def _bad_input_figure():
+    names = sorted({name for name, what in COUNTS if what == "examples"})
+    if not names:
+        return None
+    parts = ["%s: %d examples, %d failed" % (name, COUNTS[name, "examples"], COUNTS[name, "failed"]) for name in names]
+    return "generated bad input (hypothesis): " + "; ".join(parts) + "; %d stored rows checked unaltered" % COUNTS[
+        "rows", "checked"]
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Figures as the tests that produced them counted them; a callable reports only if its tests ran."""
-    lines = [line() if callable(line) else line for line in FIGURES]
-    lines = [line for line in lines if line]
+    """Figures as the tests that produced them counted them: only those of tests that ran."""
+    lines = FIGURES + [line for line in [_bad_input_figure()] if line]
     if lines:
         terminalreporter.section("reliability figures")
         for line in lines:
@@ -118,12 +155,11 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
 
-RAN = {"postgres": 0}
-
-
 def pytest_sessionfinish(session, exitstatus):
     """CI sets JOBRUNNER_TEST_REQUIRE_POSTGRES: a run where no PostgreSQL test ran is a failed run."""
-    if os.environ.get("JOBRUNNER_TEST_REQUIRE_POSTGRES") and not RAN["postgres"] and session.testscollected:
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller sums what every worker ran
+        return
+    if os.environ.get("JOBRUNNER_TEST_REQUIRE_POSTGRES") and not COUNTS["backend", "postgres"] and session.testscollected:
         sys.stderr.write("\nno PostgreSQL test ran, and JOBRUNNER_TEST_REQUIRE_POSTGRES is set\n")
         session.exitstatus = 1
 
@@ -132,7 +168,6 @@ def pytest_sessionfinish(session, exitstatus):
 def backend(request):
     name = getattr(request, "param", "sqlite")
     if name == "postgres":
-        RAN["postgres"] += 1
         if not POSTGRES:
             pytest.skip("PostgreSQL tests need JOBRUNNER_TEST_POSTGRES (a DSN; CI sets it)")
         try:
@@ -141,6 +176,7 @@ def backend(request):
             psycopg.connect(POSTGRES, connect_timeout=5).close()
         except Exception as exc:  # set but unusable: a failure, never a skip
             pytest.fail("JOBRUNNER_TEST_POSTGRES=%s is set but unusable: %s" % (POSTGRES, exc))
+        count("backend", "postgres")
     return name
 
 

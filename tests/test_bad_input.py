@@ -5,7 +5,6 @@ altered, no code runs that the app did not register, and the user never sees
 a traceback.
 """
 
-import collections
 import functools
 import json
 import os
@@ -20,40 +19,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jobrunner
-from conftest import APPS, JOBRUNNER, REPO, report
-
-# Counted by the tests themselves, reported only for the tests that ran.
-RUNS = collections.Counter()
-
+from conftest import APPS, JOBRUNNER, REPO, count
 
 def counted(name):
-    """Count each generated example of a test, and each one that failed."""
+    """Count each generated example of a test, and each one that failed (conftest sums and prints them)."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            RUNS[name, "examples"] += 1
+            count(name, "examples")
             try:
                 return fn(*args, **kwargs)
             except BaseException:
-                RUNS[name, "failed"] += 1
+                count(name, "failed")
                 raise
 
         return run
 
     return decorate
-
-
-def _figures():
-    names = sorted({name for name, what in RUNS if what == "examples"})
-    if not names:
-        return None
-    parts = ["%s: %d examples, %d failed" % (name, RUNS[name, "examples"], RUNS[name, "failed"]) for name in names]
-    return "generated bad input (hypothesis): " + "; ".join(parts) + "; %d stored rows checked unaltered" % RUNS[
-        "rows", "checked"]
-
-
-report(_figures)
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +121,7 @@ def test_garbage_rows_end_in_the_failure_queue_untouched(rows):
         stored_body, queue, delivered = after[row_id]
         assert delivered is None
         assert stored_body == stored[row_id][0], "the body of a failed message was altered"
-        RUNS["rows", "checked"] += 1
+        count("rows", "checked")
         if queue != jobrunner.FAILED_QUEUE:
             # a handler only newer code may have (a rolling deploy): retried later, not failed at once
             assert queue == "async" and names_an_unknown_handler(headers), (body, headers)

@@ -263,7 +263,7 @@ def test_a_paused_queue_keeps_its_messages_while_workers_take_their_other_queues
     assert project.cli("resume", "async").returncode == 0
     wait_until(lambda: len(project.values("note")) == 3, message="the resumed queue")
     app.pause("async")
-    assert app.stats()["queues"][0]["paused"] is True
+    assert {q["queue"]: q["paused"] for q in app.stats()["queues"]}["async"] is True
     app.resume("async")
 
 

@@ -411,18 +411,19 @@ def test_an_alarm_that_lands_after_the_handler_returned_is_ignored(app):
 
     worker = app.worker(["async"], install_signals=False)
     handler = app.handlers["too_slow"]
-    worker._current = (None, handler, {})
-    worker._call_frame = _sys._getframe()
-    worker._alarm_armed = True
-    worker._on_alarm(signal.SIGALRM, worker._call_frame)  # back in the caller's frame: ignored
-    assert worker._alarm_armed and not worker._alarm_fired
+    lane = worker._lanes[0]
+    lane.current = (None, handler, {})
+    lane.call_frame = _sys._getframe()
+    lane.alarm_armed = True
+    worker._on_alarm(signal.SIGALRM, lane.call_frame)  # back in the caller's frame: ignored
+    assert lane.alarm_armed and not lane.alarm_fired
 
     def inside_the_handler():
         worker._on_alarm(signal.SIGALRM, _sys._getframe())
 
     with pytest.raises(jobrunner._Interrupted) as raised:
         inside_the_handler()
-    assert isinstance(raised.value.error, jobrunner.HandlerTimeout) and worker._alarm_fired
+    assert isinstance(raised.value.error, jobrunner.HandlerTimeout) and lane.alarm_fired
     assert not isinstance(raised.value, Exception)  # a handler's `except Exception:` cannot catch it
 
 
@@ -494,7 +495,7 @@ def test_a_transactional_handler_that_cannot_get_the_write_lock_goes_back_withou
     delivery, _, _, _ = jobs.transport.claim(["hard"], 99)  # the worker's claim, then another process takes the lock
     assert (delivery.id, delivery.attempts) == (msg_id, 1)
     locker = hold_write_lock(project.db, 1.5)
-    outcome = worker._process(delivery)  # the handler's BEGIN IMMEDIATE times out after 0.3 s
+    outcome = worker._process(delivery, worker._lanes[0])  # the handler's BEGIN IMMEDIATE times out after 0.3 s
     assert outcome.kind == "release" and worker.failed == 0
     locker.wait(10)
     assert jobs.transport.settle(outcome)
@@ -576,7 +577,7 @@ def test_a_transactional_handler_that_lost_its_claim_rolls_back_its_writes(proje
     delivery, _, _, _ = jobs.transport.claim(["hard"], worker_id)
     dead, released = jobs.transport.release_workers({worker_id: None})  # another worker's reaper thought it dead
     assert (dead, released) == ([worker_id], 1)
-    assert worker._process(delivery) is None  # the handler ran, then its acknowledgement was refused
+    assert worker._process(delivery, worker._lanes[0]) is None  # the handler ran, then its acknowledgement was refused
     assert project.values("note") == ["1"]
     assert not project.has_table("ledger")  # its write rolled back
     assert messages(project) == [(msg_id, "hard", 0, 1)]  # still there, for whoever holds it now

@@ -104,6 +104,16 @@ def too_slow(n):
     record("note", n)
 
 
+@jobs.handler(timeout=0.3, max_retries=1, delay=0.01)
+def too_slow_loop(n):
+    """Past its timeout in Python code (short sleeps): a handler in a thread can be interrupted there."""
+    record("start", n)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    record("note", n)
+
+
 @jobs.handler(transactional=True)
 def transfer(db, n, fail=False, children=0):
     db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
