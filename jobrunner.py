@@ -733,6 +733,8 @@ class Transport:
     #: the errors of the driver, mapped by :meth:`_error`
     driver_errors = ()
 
+    single_writer = False
+
     def __init__(self, settings):
         self.settings = settings
         self.table = settings.table
@@ -1023,6 +1025,51 @@ class Transport:
 
     def _wait_token(self, conn):
         return None
+
+    def claim_batch(self, queues, worker_id, settles):
+        """:meth:`claim` for several threads of one worker at once, in one transaction.
+
+        Settles each outcome of ``settles`` (None: nothing to settle), then
+        claims up to one message for each.  Returns ``(results, token, due)``:
+        ``results`` holds ``(delivery or None, settled)`` per entry.
+        """
+        conn = self.connection()
+        try:
+            return self._claim_batch(conn, queues, worker_id, settles)
+        except StorageError as exc:
+            if not self._is_decode_error(exc.__cause__):
+                raise
+            with self._tolerant_text(conn):
+                return self._claim_batch(conn, queues, worker_id, settles)
+
+    def _claim_batch(self, conn, queues, worker_id, settles):
+        sql = self.sql
+        token = due = None
+        wanted = len(settles)
+        rows = []
+        try:
+            conn.execute(self.begin_sql)
+            try:
+                settled = [conn.execute(sql[s.kind], s.params()).rowcount == 1 if s is not None else True
+                           for s in settles]
+                now = time.time()
+                for queue in queues:  # as many claims one after another would take, in the same order
+                    while len(rows) < wanted:
+                        found = conn.execute(sql["claim"], (now, worker_id, queue, now, _PAUSED + queue)).fetchall()
+                        if not found:
+                            break
+                        rows.append(found[0])
+                if len(rows) < wanted:
+                    token = self._wait_token(conn)
+                    due = self._next_due(conn, queues)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+        except self.driver_errors as exc:
+            raise self._error(exc) from exc
+        deliveries = [_Delivery(*row, worker_id) for row in rows] + [None] * (wanted - len(rows))
+        return list(zip(deliveries, settled)), token, due
 
     def claim_failed(self, message_id, worker_id, settle=None):
         """Settle ``settle``, then claim failed message ``message_id`` (None: retried or removed meanwhile)."""
@@ -1555,6 +1602,9 @@ def _allow_all(*args):
 
 
 class SqliteTransport(Transport):
+    #: one writer at a time: a worker's threads claim through one of them (see Worker._claim_together)
+    single_writer = True
+
     """Messages in Symfony's ``messenger_messages`` table, in one SQLite file in WAL mode.
 
     ``BEGIN IMMEDIATE`` takes the write lock up front: a deferred transaction
@@ -3212,6 +3262,15 @@ def _raise_in_thread(thread_id, exc_class):
         ctypes.c_ulong(thread_id), ctypes.py_object(exc_class) if exc_class is not None else None)
 
 
+class _ClaimRequest:
+    """A thread's turn in a combined claim: the outcome to settle, then what it got."""
+
+    __slots__ = ("outcome", "result", "error", "done")
+
+    def __init__(self, outcome):
+        self.outcome, self.result, self.error, self.done = outcome, None, None, False
+
+
 class _Lane:
     """One handler slot of a worker, and how to interrupt what runs in it; ``--threads N`` gives N."""
 
@@ -3315,6 +3374,10 @@ class Worker:
         self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
         self._idle_turn = threading.Condition()
         self._idle_generation = 0
+        # threads on SQLite: one writer at a time, so the thread that holds this claims for all that wait
+        self._claim_lock = threading.Lock() if threads > 1 and self.transport.single_writer else None
+        self._claims_wanted = []  # _ClaimRequest, appended under _claims_lock
+        self._claims_lock = threading.Lock()
         self._forced = False  # threads abandoned by a second signal
         self._minute = 0.0  # the start of the minute the counts below are for
         self._counts = {}  # (minute, queue, handler) -> [handled, retried, failed], flushed by the heartbeat
@@ -3533,6 +3596,35 @@ class Worker:
             _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
                        outcome.delivery.id, exc)
 
+    def _claim_together(self, outcome):
+        """Threads on SQLite: settle and claim in one transaction for every thread waiting to, whoever runs it.
+
+        One write per batch instead of one per thread, and no thread sleeps
+        in SQLite's busy handler behind its own siblings.  Each message is
+        still claimed for the thread that runs it next, and each outcome
+        settled fenced, as alone.
+        """
+        request = _ClaimRequest(outcome)
+        with self._claims_lock:
+            self._claims_wanted.append(request)
+        with self._claim_lock:
+            if not request.done:  # nobody took ours while we waited: take every request waiting now
+                with self._claims_lock:
+                    batch, self._claims_wanted = self._claims_wanted, []
+                try:
+                    results, token, due = self.transport.claim_batch(self.queues, self.worker_id,
+                                                                     [r.outcome for r in batch])
+                    for r, (delivery, settled) in zip(batch, results):
+                        r.result = (delivery, settled, None, None) if delivery is not None else (None, settled, token, due)
+                except BaseException as exc:  # every thread of the batch sees it, and backs off as alone
+                    for r in batch:
+                        r.error = exc
+                for r in batch:
+                    r.done = True
+        if request.error is not None:
+            raise request.error
+        return request.result
+
     def _take_slot(self):
         """Count one more message before claiming it; False once ``limit`` messages were taken."""
         with self._counts_lock:
@@ -3568,7 +3660,10 @@ class Worker:
                     released = self.transport.release_own(self.worker_id, keep)
                     if released:
                         _log.warning("gave back %d message(s) claimed while the connection was lost", released)
-                delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
+                if self._claim_lock is None:
+                    delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
+                else:
+                    delivery, settled, token, due = self._claim_together(outcome)
                 lane.holding = delivery.id if delivery is not None else None
             except StorageError as exc:
                 self._give_back_slot()
@@ -6075,7 +6170,8 @@ def _read_config(path):
     """Programs from a supervisord-style INI file; ``command`` holds the consume arguments."""
     import configparser
 
-    parser = configparser.ConfigParser(interpolation=None)
+    # `key = value ; a comment`, as supervisord reads it (a ';' right after a character stays in the value)
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
     try:
         with open(path) as f:
             parser.read_file(f)

@@ -70,7 +70,7 @@ def jobrunner_io(run_class, n, processes, threads):
     jobs.dispatch_many("io_record", [{"n": i} for i in range(n)])
     jobs.transport.close()
     started = time.perf_counter()
-    sup = subprocess.Popen([sys.executable, os.path.join(run_class.root, "jobrunner.py"), "supervise", "io",
+    sup = subprocess.Popen([sys.executable, "-m", "jobrunner", "supervise", "io",
                             "--numprocs", str(processes), "--threads", str(threads), "--no-scheduler",
                             "--log-dir", os.path.join(run.dir, "log")],
                            env=run.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -123,6 +123,40 @@ def jobrunner_run(admin, n, workers):
     return {"enqueue": enqueue, "batch": batch, "drain": drain}
 
 
+def jobrunner_threads(admin, processes, threads, wait=0.010):
+    """``processes`` forked workers of ``threads`` threads each, draining handlers that wait 10 ms: rate and ideal."""
+    fresh_schema(admin, "bench_threads")
+    out = Output()
+    jobs = jobrunner.JobRunner(with_option(admin, "schema", "bench_threads"))
+
+    def io_record(n):
+        time.sleep(wait)
+        record_line(out.dir, n)
+
+    jobs.handler("io_record")(io_record)
+    ideal = processes * threads / wait
+    n = int(ideal * 3)
+    jobs.dispatch_many("io_record", [{"n": i} for i in range(n)])
+    jobs.close()
+    started = time.perf_counter()
+    pids = fork_workers(processes, lambda: jobs.worker(["async"], until_empty=True, threads=threads,
+                                                     install_signals=False).run())
+    marks = {}
+    while out.handled() < n:
+        handled = out.handled()
+        for fraction in (0.05, 0.95):
+            if fraction not in marks and handled >= fraction * n:
+                marks[fraction] = (time.perf_counter(), handled)
+        time.sleep(0.005)
+    cold = n / (time.perf_counter() - started)
+    marks.setdefault(0.95, (time.perf_counter(), n))
+    reap(pids)
+    out.check_each_once(n)
+    out.close()
+    (t5, h5), (t95, h95) = marks[0.05], marks[0.95]
+    return {"ideal": ideal, "cold": cold, "steady": (h95 - h5) / max(t95 - t5, 1e-9)}
+
+
 def jobrunner_wake_up(admin, samples):
     """Dispatch to handler start with one idle worker (LISTEN/NOTIFY), and the idle worker's CPU."""
     import psutil
@@ -281,6 +315,10 @@ def main():
         print("  dispatch_many        %9.0f   %9s   %13s" % (ours["batch"], "-", "-"))
         print("  drain                %9.0f   %9.0f   %13s" % (ours["drain"], bare["drain"],
                                                               "%.0f" % proc["drain"] if proc else "-"), flush=True)
+    threaded = jobrunner_threads(args.dsn, 4, 16)
+    print("\n64 concurrent 10 ms handlers (4 processes x 16 threads): %.0f/s steady, %.0f/s cold; %.2f and %.2f of "
+          "the ideal %.0f/s (target 0.9)" % (threaded["steady"], threaded["cold"], threaded["steady"] / threaded["ideal"],
+                                              threaded["cold"] / threaded["ideal"], threaded["ideal"]), flush=True)
     wake = jobrunner_wake_up(args.dsn, 200)
     print("\nwake-up of an idle worker: p50 %.2f ms, p95 %.2f ms (target p50 <= 5 ms); idle CPU %.2f%% of a core"
           % (wake["p50_ms"], wake["p95_ms"], wake["idle_cpu_pct"]))

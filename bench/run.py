@@ -23,6 +23,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
+# Workers start as an installed `jobrunner` command does: from cached bytecode.  Without it (some containers set
+# PYTHONDONTWRITEBYTECODE) every worker compiles jobrunner.py at start: ~80 ms and ~18 MB of RSS it keeps.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+WORKER = [sys.executable, "-m", "jobrunner"]
 
 import concurrency  # noqa: E402
 import jobrunner  # noqa: E402
@@ -65,7 +70,7 @@ class Run:
                     PYTHONPATH=os.pathsep.join([ROOT, HERE]))
 
     def start_workers(self, count, *queues):
-        return [subprocess.Popen([sys.executable, os.path.join(ROOT, "jobrunner.py"), "consume", *(queues or ["async"])],
+        return [subprocess.Popen(WORKER + ["consume", *(queues or ["async"])],
                                  env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
 
     def app(self):
@@ -177,7 +182,7 @@ def claim_cost(queue_size, sample):
     worker.run()
     per_message = (time.perf_counter() - started) / sample
     stats_started = time.perf_counter()
-    cli = subprocess.run([sys.executable, os.path.join(ROOT, "jobrunner.py"), "stats", "--json", "--dsn", run.db],
+    cli = subprocess.run(WORKER + ["stats", "--json", "--dsn", run.db],
                          capture_output=True, text=True)
     stats_s = time.perf_counter() - stats_started
     ready = sum(q["ready"] for q in json.loads(cli.stdout)["queues"])
