@@ -1602,14 +1602,14 @@ def _allow_all(*args):
 
 
 class SqliteTransport(Transport):
-    #: one writer at a time: a worker's threads claim through one of them (see Worker._claim_together)
-    single_writer = True
-
     """Messages in Symfony's ``messenger_messages`` table, in one SQLite file in WAL mode.
 
     ``BEGIN IMMEDIATE`` takes the write lock up front: a deferred transaction
     that upgrades to a write fails with SQLITE_BUSY under WAL whatever the timeout.
     """
+
+    #: one writer at a time: a worker's threads claim through one of them (see Worker._claim_together)
+    single_writer = True
 
     dialect = "sqlite"
     begin_sql = "BEGIN IMMEDIATE"

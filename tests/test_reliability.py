@@ -245,6 +245,8 @@ def test_database_deleted_under_running_workers(project):
     project.cli("dispatch", "work", '{"n": 99}', "--delay", "3600", env=RELIAPP)
     workers = [project.start("consume", "async", env=RELIAPP) for _ in range(2)]
     wait_until(lambda: len(project.values()) == 20, message="the ready messages handled")
+    # both running on this file (under load one may start after the other drained it all)
+    wait_until(lambda: project.query("SELECT COUNT(*) FROM jobrunner_workers") == [(2,)], message="both workers")
     for suffix in ("", "-wal", "-shm"):
         os.unlink(str(project.db) + suffix)
     started = time.monotonic()
@@ -254,6 +256,7 @@ def test_database_deleted_under_running_workers(project):
     assert stopped_in < 5, "the workers noticed within their heartbeats"
     errors = "".join(w.stderr.read() for w in workers)
     assert "was deleted or replaced" in errors and "Traceback" not in errors
+    assert not project.db.exists()  # stopping, neither made an empty one in its place
     saved = list(project.db.parent.glob("jobs.db.saved-*"))
     assert saved, "the delayed message was not saved"
     rows = sqlite3.connect(saved[0]).execute("SELECT body FROM messenger_messages").fetchall()
