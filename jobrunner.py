@@ -986,14 +986,18 @@ class Transport:
         with no delivery, ``token`` is what :meth:`waiter` waits on and
         ``due`` when the next delayed message becomes available.
         """
+        return self._claim_on_connection(self._claim, queues, worker_id, settle)
+
+    def _claim_on_connection(self, claim, *args):
+        """Run ``claim`` on this thread's connection; a row that is not UTF-8 is claimed again as bytes."""
         conn = self.connection()
         try:
-            return self._claim(conn, queues, worker_id, settle)
+            return claim(conn, *args)
         except StorageError as exc:
             if not self._is_decode_error(exc.__cause__):
                 raise
-            with self._tolerant_text(conn):  # a row that is not UTF-8: claim it as bytes, it will fail as poison
-                return self._claim(conn, queues, worker_id, settle)
+            with self._tolerant_text(conn):  # claimed as bytes, it will fail as poison
+                return claim(conn, *args)
 
     def _claim(self, conn, queues, worker_id, settle):
         settled = True
@@ -1033,14 +1037,7 @@ class Transport:
         claims up to one message for each.  Returns ``(results, token, due)``:
         ``results`` holds ``(delivery or None, settled)`` per entry.
         """
-        conn = self.connection()
-        try:
-            return self._claim_batch(conn, queues, worker_id, settles)
-        except StorageError as exc:
-            if not self._is_decode_error(exc.__cause__):
-                raise
-            with self._tolerant_text(conn):
-                return self._claim_batch(conn, queues, worker_id, settles)
+        return self._claim_on_connection(self._claim_batch, queues, worker_id, settles)
 
     def _claim_batch(self, conn, queues, worker_id, settles):
         sql = self.sql
