@@ -3580,11 +3580,11 @@ class Worker:
             self.stop("a handler thread crashed: %s" % _error_class(exc), exit_code=1)
         finally:
             lane.current = None
-            self._finish_lane(outcome)
+            self._settle_last(outcome)
             self.transport.close()  # this thread's connection
 
-    def _finish_lane(self, outcome):
-        """Settle a lane's last outcome; never raises."""
+    def _settle_last(self, outcome):
+        """Settle the last outcome of the worker, or of one of its threads; never raises."""
         try:
             if outcome is not None and not self.transport.settle(outcome):
                 _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
@@ -3762,13 +3762,7 @@ class Worker:
             counts = self.take_counts()
             if counts:
                 self.transport.add_counts(counts)
-        try:
-            if outcome is not None and not self.transport.settle(outcome):
-                _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
-                             outcome.delivery.id)
-        except JobRunnerError as exc:
-            _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
-                       outcome.delivery.id, exc)
+        self._settle_last(outcome)
         try:
             if self.worker_id is not None:
                 self.transport.unregister_worker(self.worker_id, keep_row=bool(self.parent_pid))
@@ -5004,25 +4998,30 @@ class Supervisor:
         proc.spawned(pid, time.monotonic())
         self._log.info("spawned %s with pid %d", proc.name, pid)
 
+    def _detach_child(self, write_fd, ready_fd):
+        """In a forked worker: its own process group, default signals, output to its pipe; ``(supervisor pid, ready fd)``."""
+        os.setpgid(0, 0)  # the terminal's Ctrl-C is for the supervisor, which stops us gracefully
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        supervisor_pid = os.getppid()
+        _set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != supervisor_pid:
+            os._exit(1)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(write_fd, 1)
+        os.dup2(write_fd, 2)
+        for handler in list(self._log.handlers):
+            self._log.removeHandler(handler)
+        ready = os.dup2(ready_fd, 3, inheritable=False)
+        os.closerange(4, _max_fd())
+        return supervisor_pid, ready
+
     def _child(self, proc, write_fd, ready_fd):
         code = 1
         try:
-            os.setpgid(0, 0)  # the terminal's Ctrl-C is for the supervisor, which stops us gracefully
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
-                signal.signal(sig, signal.SIG_DFL)
-            supervisor_pid = os.getppid()
-            _set_parent_death_signal(signal.SIGTERM)
-            if os.getppid() != supervisor_pid:
-                os._exit(1)
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.dup2(write_fd, 1)
-            os.dup2(write_fd, 2)
-            for handler in list(self._log.handlers):
-                self._log.removeHandler(handler)
-            ready = os.dup2(ready_fd, 3, inheritable=False)
-            os.closerange(4, _max_fd())
+            supervisor_pid, ready = self._detach_child(write_fd, ready_fd)
             program = proc.program
             _configure_logging(program.verbosity, proc.name, log_format=program.log_format)
             logging.raiseExceptions = False  # a worker outliving its supervisor must not die of a broken pipe

@@ -27,6 +27,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import psycopg  # noqa: E402
 
+import concurrency  # noqa: E402
 import jobrunner  # noqa: E402
 
 LINE = 10
@@ -141,20 +142,11 @@ def jobrunner_threads(admin, processes, threads, wait=0.010):
     started = time.perf_counter()
     pids = fork_workers(processes, lambda: jobs.worker(["async"], until_empty=True, threads=threads,
                                                      install_signals=False).run())
-    marks = {}
-    while out.handled() < n:
-        handled = out.handled()
-        for fraction in (0.05, 0.95):
-            if fraction not in marks and handled >= fraction * n:
-                marks[fraction] = (time.perf_counter(), handled)
-        time.sleep(0.005)
-    cold = n / (time.perf_counter() - started)
-    marks.setdefault(0.95, (time.perf_counter(), n))
+    rates = concurrency.Rates(out, n).watch(started)
     reap(pids)
     out.check_each_once(n)
     out.close()
-    (t5, h5), (t95, h95) = marks[0.05], marks[0.95]
-    return {"ideal": ideal, "cold": cold, "steady": (h95 - h5) / max(t95 - t5, 1e-9)}
+    return dict(rates, ideal=ideal)
 
 
 def jobrunner_wake_up(admin, samples):
