@@ -4999,7 +4999,10 @@ class Supervisor:
         self._log.info("spawned %s with pid %d", proc.name, pid)
 
     def _detach_child(self, write_fd, ready_fd):
-        """In a forked worker: its own process group, default signals, output to its pipe; ``(supervisor pid, ready fd)``."""
+        """A forked worker gets its own process group, default signals and its pipe for output.
+
+        Returns ``(supervisor pid, ready fd)``.
+        """
         os.setpgid(0, 0)  # the terminal's Ctrl-C is for the supervisor, which stops us gracefully
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
