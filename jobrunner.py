@@ -7151,7 +7151,10 @@ _DASHBOARD_PAGE = """<!doctype html>
     if (id === null) return;
     const seq = ++state.detail.seq;
     state.detail.id = id;
+    // while loading, the buttons must not act on the message shown before
     byId('detail-title').textContent = 'message ' + id + ' (loading…)';
+    byId('detail').setAttribute('aria-busy', 'true');
+    for (const b of ['detail-retry', 'detail-remove']) byId(b).disabled = true;
     byId('detail').hidden = false;
     try {
       const data = await api('GET', '/api/failed/' + encodeURIComponent(String(id)));
@@ -7181,6 +7184,8 @@ _DASHBOARD_PAGE = """<!doctype html>
     byId('detail-traceback').textContent = trace === undefined || trace === null ? '(none)'
       : (typeof trace === 'string' ? trace : prettyJSON(trace));
     byId('detail-headers').textContent = prettyJSON(others);
+    for (const b of ['detail-retry', 'detail-remove']) byId(b).disabled = false;
+    byId('detail').setAttribute('aria-busy', 'false');
   }
 
   function closeDetail() {

@@ -229,8 +229,21 @@ def test_the_page_draws_the_chart_retries_a_failed_message_and_pauses_a_queue(pr
     body = page.locator("#failed-body").inner_text()
     assert "unrecoverable" in body
     # one message's detail, then retried from the page
+    # the message's answer is held back, so the page is seen while it loads: its buttons must not act
+    # on whatever it showed before
+    held, one_message = [], re.compile(r".*/api/failed/\d+$")
+
+    def hold(route):
+        held.append(route)
+    page.route(one_message, hold)
     page.locator("#failed-body button.show").first.click()
-    page.wait_for_selector("#detail:not([hidden])")
+    page.wait_for_selector("#detail:not([hidden])[aria-busy=true]")
+    wait_until(lambda: held or page.wait_for_timeout(20), timeout=10, message="the detail request")
+    assert page.locator("#detail-retry").is_disabled() and page.locator("#detail-remove").is_disabled()
+    held.pop().continue_()
+    page.unroute(one_message, hold)
+    page.wait_for_selector("#detail:not([hidden])[aria-busy=false]")
+    assert page.locator("#detail-retry").is_enabled()
     assert "<img src=x onerror=alert(" in page.locator("#detail-payload").inner_text()
     assert "Traceback (most recent call last)" in page.locator("#detail-traceback").inner_text()
     page.screenshot(path=str(shots / "dashboard-detail.png"))
