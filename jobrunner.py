@@ -588,6 +588,12 @@ _SQL = {
              "AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?) "
              "ORDER BY priority DESC, available_at, id LIMIT 1{lock}) "
              "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
+    # up to N messages at once, for the threads of one worker
+    "claim_many": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
+                  "WHERE id IN (SELECT id FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL "
+                  "AND available_at <= ? AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?) "
+                  "ORDER BY priority DESC, available_at, id LIMIT ?{lock}) "
+                  "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
     # `consume failed`: one failed message at a time, by id, to run its handler once more
     "claim_failed": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
                     "WHERE id = ? AND queue_name = 'failed' AND delivered_at IS NULL "
@@ -732,8 +738,6 @@ class Transport:
     begin_read_sql = "BEGIN"
     #: the errors of the driver, mapped by :meth:`_error`
     driver_errors = ()
-
-    single_writer = False
 
     def __init__(self, settings):
         self.settings = settings
@@ -1605,9 +1609,6 @@ class SqliteTransport(Transport):
     that upgrades to a write fails with SQLITE_BUSY under WAL whatever the timeout.
     """
 
-    #: one writer at a time: a worker's threads claim through one of them (see Worker._claim_together)
-    single_writer = True
-
     dialect = "sqlite"
     begin_sql = "BEGIN IMMEDIATE"
     driver_errors = (sqlite3.Error,)
@@ -1996,6 +1997,12 @@ class PostgresTransport(Transport):
                         "LEFT JOIN claimed ON true")
         self.settle_and_claim = {kind: settle_claim.format(settle=self.sql[kind], claim=self.sql["claim"])
                                  for kind in ("ack", "retry", "fail", "release")}
+        # a worker's threads: the fenced acknowledgement of many messages, and the claim of up to N
+        self.ack_and_claim = ("WITH acked AS (DELETE FROM %s WHERE (id, claimed_by, attempts) IN (SELECT * FROM "
+                              "unnest(%%s::bigint[], %%s::bigint[], %%s::bigint[])) RETURNING id, claimed_by, attempts), "
+                              "claimed AS (%s) SELECT (SELECT array_agg(ARRAY[id::bigint, claimed_by::bigint, "
+                              "attempts::bigint]) FROM acked), claimed.* FROM (SELECT 1) AS one "
+                              "LEFT JOIN claimed ON true" % (self.table, self.sql["claim_many"]))
         self.insert_notify = ("INSERT INTO %s (id, body, headers, queue_name, created_at, available_at, priority, "
                               "unique_key) SELECT %%s, %%s, %%s, %%s, %%s, %%s, %%s, %%s FROM pg_notify(%%s, %%s)"
                               % self.table)
@@ -2130,10 +2137,7 @@ class PostgresTransport(Transport):
         settled = True
         now = time.time()
         try:
-            cursor = self._cursor(conn)
-            if getattr(self._local, "relaxed", None) is not conn:
-                conn.execute("SET synchronous_commit = off")
-                self._local.relaxed = conn
+            cursor = self._relaxed_cursor(conn)
             if settle is not None:
                 row = cursor.execute(self.settle_and_claim[settle.kind], settle.params() + (
                     now, worker_id, queues[0], now, _PAUSED + queues[0]), prepare=True).fetchall()[0]
@@ -2153,6 +2157,49 @@ class PostgresTransport(Transport):
         if row is None:
             return None, settled, None, due
         return _Delivery(*row, worker_id), settled, None, None
+
+    def _relaxed_cursor(self, conn):
+        """The hot cursor of a connection whose commits do not wait for the WAL flush (see :meth:`_claim`)."""
+        if getattr(self._local, "relaxed", None) is not conn:
+            conn.execute("SET synchronous_commit = off")
+            self._local.relaxed = conn
+        return self._cursor(conn)
+
+    def _claim_batch(self, conn, queues, worker_id, settles):
+        """A worker's threads settle and claim together, in one round trip when every outcome is an ack.
+
+        One statement acknowledges every ack of the batch (fenced, as alone)
+        and claims from the first queue up to as many messages as there are
+        threads asking; the rarer outcomes go first, a statement each.
+        Sixteen threads make one round trip where they made sixteen, and
+        wake one server process instead of sixteen.
+        """
+        wanted = len(settles)
+        if wanted == 1:  # most batches, when the threads' handlers take about as long: no arrays to send
+            delivery, settled, token, due = self._claim(conn, queues, worker_id, settles[0])
+            return [(delivery, settled)], token, due
+        now = time.time()
+        try:
+            cursor = self._relaxed_cursor(conn)
+            settled = [True if s is None else s.kind == "ack" or cursor.execute(
+                self.sql[s.kind], s.params(), prepare=True).rowcount == 1 for s in settles]
+            acks = [s.params() for s in settles if s is not None and s.kind == "ack"]
+            ids, workers, attempts = (list(column) for column in zip(*acks)) if acks else ([], [], [])
+            found = cursor.execute(self.ack_and_claim, (ids, workers, attempts, now, worker_id, queues[0], now,
+                                                        _PAUSED + queues[0], wanted), prepare=True).fetchall()
+            acked = {tuple(fence) for fence in found[0][0] or ()}
+            rows = [row[1:] for row in found if row[1] is not None]
+            for queue in queues[1:]:
+                if len(rows) == wanted:
+                    break
+                rows += cursor.execute(self.sql["claim_many"], (now, worker_id, queue, now, _PAUSED + queue,
+                                                                wanted - len(rows)), prepare=True).fetchall()
+            due = self._next_due(conn, queues) if len(rows) < wanted else None
+        except self.psycopg.Error as exc:
+            raise self._error(exc) from exc
+        settled = [ok if s is None or s.kind != "ack" else s.params() in acked for s, ok in zip(settles, settled)]
+        deliveries = [_Delivery(*row, worker_id) for row in rows] + [None] * (wanted - len(rows))
+        return list(zip(deliveries, settled)), None, due
 
     # A transactional handler's transaction is a psycopg Transaction: its
     # connection then refuses commit() and rollback() from handler code.
@@ -3371,8 +3418,8 @@ class Worker:
         self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
         self._idle_turn = threading.Condition()
         self._idle_generation = 0
-        # threads on SQLite: one writer at a time, so the thread that holds this claims for all that wait
-        self._claim_lock = threading.Lock() if threads > 1 and self.transport.single_writer else None
+        # threads: the one that holds this claims for all that wait (one write, one round trip)
+        self._claim_lock = threading.Lock() if threads > 1 else None
         self._claims_wanted = []  # _ClaimRequest, appended under _claims_lock
         self._claims_lock = threading.Lock()
         self._forced = False  # threads abandoned by a second signal
