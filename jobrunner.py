@@ -2181,8 +2181,8 @@ class PostgresTransport(Transport):
         now = time.time()
         try:
             cursor = self._relaxed_cursor(conn)
-            settled = [True if s is None else s.kind == "ack" or cursor.execute(
-                self.sql[s.kind], s.params(), prepare=True).rowcount == 1 for s in settles]
+            refused = {id(s) for s in settles if s is not None and s.kind != "ack"
+                       and cursor.execute(self.sql[s.kind], s.params(), prepare=True).rowcount != 1}
             acks = [s.params() for s in settles if s is not None and s.kind == "ack"]
             ids, workers, attempts = (list(column) for column in zip(*acks)) if acks else ([], [], [])
             found = cursor.execute(self.ack_and_claim, (ids, workers, attempts, now, worker_id, queues[0], now,
@@ -2197,7 +2197,7 @@ class PostgresTransport(Transport):
             due = self._next_due(conn, queues) if len(rows) < wanted else None
         except self.psycopg.Error as exc:
             raise self._error(exc) from exc
-        settled = [ok if s is None or s.kind != "ack" else s.params() in acked for s, ok in zip(settles, settled)]
+        settled = [s is None or (s.params() in acked if s.kind == "ack" else id(s) not in refused) for s in settles]
         deliveries = [_Delivery(*row, worker_id) for row in rows] + [None] * (wanted - len(rows))
         return list(zip(deliveries, settled)), None, due
 
@@ -3309,10 +3309,10 @@ def _raise_in_thread(thread_id, exc_class):
 class _ClaimRequest:
     """A thread's turn in a combined claim: the outcome to settle, then what it got."""
 
-    __slots__ = ("outcome", "result", "error", "done")
+    __slots__ = ("outcome", "lane", "result", "error", "done")
 
-    def __init__(self, outcome):
-        self.outcome, self.result, self.error, self.done = outcome, None, None, False
+    def __init__(self, outcome, lane):
+        self.outcome, self.lane, self.result, self.error, self.done = outcome, lane, None, None, False
 
 
 class _Lane:
@@ -3640,15 +3640,15 @@ class Worker:
             _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
                        outcome.delivery.id, exc)
 
-    def _claim_together(self, outcome):
-        """Threads on SQLite: settle and claim in one transaction for every thread waiting to, whoever runs it.
+    def _claim_together(self, outcome, lane):
+        """Threads: settle and claim at once for every thread waiting to, whoever runs it.
 
-        One write per batch instead of one per thread, and no thread sleeps
-        in SQLite's busy handler behind its own siblings.  Each message is
-        still claimed for the thread that runs it next, and each outcome
-        settled fenced, as alone.
+        On SQLite one write per batch instead of one per thread, and no
+        thread sleeps in SQLite's busy handler behind its own siblings; on
+        PostgreSQL one round trip.  Each message is still claimed for the
+        thread that runs it next, and each outcome settled fenced, as alone.
         """
-        request = _ClaimRequest(outcome)
+        request = _ClaimRequest(outcome, lane)
         with self._claims_lock:
             self._claims_wanted.append(request)
         with self._claim_lock:
@@ -3660,6 +3660,8 @@ class Worker:
                                                                      [r.outcome for r in batch])
                     for r, (delivery, settled) in zip(batch, results):
                         r.result = (delivery, settled, None, None) if delivery is not None else (None, settled, token, due)
+                        # held from the claim on, as seen by a thread giving back what nobody holds (_lane_loop)
+                        r.lane.holding = delivery.id if delivery is not None else None
                 except BaseException as exc:  # every thread of the batch sees it, and backs off as alone
                     for r in batch:
                         r.error = exc
@@ -3681,6 +3683,18 @@ class Worker:
         with self._counts_lock:
             self.processed -= 1
 
+    def _give_back_unseen(self, lane, outcome):
+        """Release what this worker claimed and no thread holds: claims whose answer the lost connection never brought.
+
+        With threads, under the claim lock: a claim another thread has just
+        made is then held already, not taken for an unseen one.
+        """
+        with self._claim_lock or contextlib.nullcontext():
+            keep = self._held_elsewhere(lane) + ([outcome.delivery.id] if outcome else [])
+            released = self.transport.release_own(self.worker_id, keep)
+        if released:
+            _log.warning("gave back %d message(s) claimed while the connection was lost", released)
+
     def _held_elsewhere(self, lane):
         """The messages other lanes hold: a lane that lost its connection must not give them back."""
         return [other.holding for other in self._lanes if other is not lane and other.holding is not None]
@@ -3700,15 +3714,12 @@ class Worker:
                 continue
             try:
                 if backoff:  # the last claim failed: it may have committed all the same, unseen
-                    keep = self._held_elsewhere(lane) + ([outcome.delivery.id] if outcome else [])
-                    released = self.transport.release_own(self.worker_id, keep)
-                    if released:
-                        _log.warning("gave back %d message(s) claimed while the connection was lost", released)
+                    self._give_back_unseen(lane, outcome)
                 if self._claim_lock is None:
                     delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
+                    lane.holding = delivery.id if delivery is not None else None
                 else:
-                    delivery, settled, token, due = self._claim_together(outcome)
-                lane.holding = delivery.id if delivery is not None else None
+                    delivery, settled, token, due = self._claim_together(outcome, lane)
             except StorageError as exc:
                 self._give_back_slot()
                 backoff = min(30.0, max(0.5, backoff * 2))
