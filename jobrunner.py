@@ -5033,6 +5033,7 @@ class Supervisor:
         ready_read, ready_write = os.pipe()
         _flush_std_streams()
         self.transport.close()  # connections must not cross fork
+        supervisor_pid = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -5046,7 +5047,7 @@ class Supervisor:
         if pid == 0:
             os.close(out_read)
             os.close(ready_read)
-            self._child(proc, out_write, ready_write)  # never returns
+            self._child(proc, out_write, ready_write, supervisor_pid)  # never returns
         os.close(out_write)
         os.close(ready_write)
         for fd, kind in ((out_read, "output"), (ready_read, "ready")):
@@ -5056,18 +5057,17 @@ class Supervisor:
         proc.spawned(pid, time.monotonic())
         self._log.info("spawned %s with pid %d", proc.name, pid)
 
-    def _detach_child(self, write_fd, ready_fd):
+    def _detach_child(self, write_fd, ready_fd, supervisor_pid):
         """A forked worker gets its own process group, default signals and its pipe for output.
 
-        Returns ``(supervisor pid, ready fd)``.
+        Returns the ready fd.
         """
         os.setpgid(0, 0)  # the terminal's Ctrl-C is for the supervisor, which stops us gracefully
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
-        supervisor_pid = os.getppid()
         _set_parent_death_signal(signal.SIGTERM)
-        if os.getppid() != supervisor_pid:
+        if os.getppid() != supervisor_pid:  # it died before the signal was asked for: none will come
             os._exit(1)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -5077,12 +5077,12 @@ class Supervisor:
             self._log.removeHandler(handler)
         ready = os.dup2(ready_fd, 3, inheritable=False)
         os.closerange(4, _max_fd())
-        return supervisor_pid, ready
+        return ready
 
-    def _child(self, proc, write_fd, ready_fd):
+    def _child(self, proc, write_fd, ready_fd, supervisor_pid):
         code = 1
         try:
-            supervisor_pid, ready = self._detach_child(write_fd, ready_fd)
+            ready = self._detach_child(write_fd, ready_fd, supervisor_pid)
             program = proc.program
             _configure_logging(program.verbosity, proc.name, log_format=program.log_format)
             logging.raiseExceptions = False  # a worker outliving its supervisor must not die of a broken pipe

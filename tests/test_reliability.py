@@ -56,6 +56,11 @@ def kill_tree(proc):
             pass
 
 
+def logs_of(project):
+    """The end of every program log under var/log, to say why a drain stalled."""
+    return "".join("\n== %s ==\n%s" % (p.name, p.read_text()[-3000:]) for p in sorted((project.path / "var" / "log").glob("*")))
+
+
 def check_all_handled(project, count, kills):
     """Every message handled at least once, none left, none failed; duplicates only from kills."""
     handled = project.values()
@@ -108,7 +113,12 @@ def test_supervisor_killed_and_restarted_loses_nothing(project):
     args = ("supervise", "async", "--numprocs", "2", "--log-dir", "var/log")
     first = project.start(*args, env=RELIAPP)
     started = time.monotonic()
-    wait_until(lambda: len(project.values()) > count // 3, timeout=30, message="a third handled")
+    try:
+        wait_until(lambda: len(project.values()) > count // 3, timeout=30, message="a third handled")
+    except AssertionError as exc:
+        kill_tree(first)
+        raise AssertionError("%s; %d handled\n%s\n%s" % (exc, len(project.values()), first.communicate()[1][-3000:],
+                                                         logs_of(project))) from None
     orphans = workers_of(first)
     kill_tree_pids = [p.pid for p in orphans]
     os.kill(first.pid, signal.SIGKILL)
