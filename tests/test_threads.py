@@ -54,7 +54,9 @@ def test_a_killed_worker_has_every_message_its_threads_held_back_at_once(project
     gate.touch()
     wait_until(lambda: len(project.values()) == 4, message="the four to finish")
     assert sorted(int(v) for v in project.values()) == list(range(4))
-    assert project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+    # a handler records its value, then returns: the acknowledgement commits just after
+    wait_until(lambda: project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)], timeout=10,
+               message="the four acknowledged")
     assert not alive(victim) and len(ids) == 4
 
 
