@@ -1998,11 +1998,12 @@ class PostgresTransport(Transport):
         self.settle_and_claim = {kind: settle_claim.format(settle=self.sql[kind], claim=self.sql["claim"])
                                  for kind in ("ack", "retry", "fail", "release")}
         # a worker's threads: the fenced acknowledgement of many messages, and the claim of up to N
-        self.ack_and_claim = ("WITH acked AS (DELETE FROM %s WHERE (id, claimed_by, attempts) IN (SELECT * FROM "
-                              "unnest(%%s::bigint[], %%s::bigint[], %%s::bigint[])) RETURNING id, claimed_by, attempts), "
-                              "claimed AS (%s) SELECT (SELECT array_agg(ARRAY[id::bigint, claimed_by::bigint, "
-                              "attempts::bigint]) FROM acked), claimed.* FROM (SELECT 1) AS one "
-                              "LEFT JOIN claimed ON true" % (self.table, self.sql["claim_many"]))
+        self.ack_and_claim = ("WITH acked AS (DELETE FROM %s WHERE (id, claimed_by, attempts) IN "
+                              "(SELECT * FROM unnest(%%s::bigint[], %%s::bigint[], %%s::bigint[])) "
+                              "RETURNING id, claimed_by, attempts), claimed AS (%s) "
+                              "SELECT (SELECT array_agg(ARRAY[id::bigint, claimed_by::bigint, attempts::bigint]) "
+                              "FROM acked), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON true"
+                              % (self.table, self.sql["claim_many"]))
         self.insert_notify = ("INSERT INTO %s (id, body, headers, queue_name, created_at, available_at, priority, "
                               "unique_key) SELECT %%s, %%s, %%s, %%s, %%s, %%s, %%s, %%s FROM pg_notify(%%s, %%s)"
                               % self.table)
@@ -3684,7 +3685,7 @@ class Worker:
             self.processed -= 1
 
     def _give_back_unseen(self, lane, outcome):
-        """Release what this worker claimed and no thread holds: claims whose answer the lost connection never brought.
+        """Release what this worker claimed and no thread holds: claims a lost connection never answered.
 
         With threads, under the claim lock: a claim another thread has just
         made is then held already, not taken for an unseen one.
