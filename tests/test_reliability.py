@@ -58,7 +58,8 @@ def kill_tree(proc):
 
 def logs_of(project):
     """The end of every program log under var/log, to say why a drain stalled."""
-    return "".join("\n== %s ==\n%s" % (p.name, p.read_text()[-3000:]) for p in sorted((project.path / "var" / "log").glob("*")))
+    logs = sorted((project.path / "var" / "log").glob("*"))
+    return "".join("\n== %s ==\n%s" % (p.name, p.read_text()[-3000:]) for p in logs)
 
 
 def check_all_handled(project, count, kills):
