@@ -1048,27 +1048,19 @@ class Transport:
         token = due = None
         wanted = len(settles)
         rows = []
-        try:
-            conn.execute(self.begin_sql)
-            try:
-                settled = [conn.execute(sql[s.kind], s.params()).rowcount == 1 if s is not None else True
-                           for s in settles]
-                now = time.time()
-                for queue in queues:  # as many claims one after another would take, in the same order
-                    while len(rows) < wanted:
-                        found = conn.execute(sql["claim"], (now, worker_id, queue, now, _PAUSED + queue)).fetchall()
-                        if not found:
-                            break
-                        rows.append(found[0])
-                if len(rows) < wanted:
-                    token = self._wait_token(conn)
-                    due = self._next_due(conn, queues)
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback(conn)
-                raise
-        except self.driver_errors as exc:
-            raise self._error(exc) from exc
+        with self.transaction(conn):
+            settled = [conn.execute(sql[s.kind], s.params()).rowcount == 1 if s is not None else True
+                       for s in settles]
+            now = time.time()
+            for queue in queues:  # as many claims one after another would take, in the same order
+                while len(rows) < wanted:
+                    found = conn.execute(sql["claim"], (now, worker_id, queue, now, _PAUSED + queue)).fetchall()
+                    if not found:
+                        break
+                    rows.append(found[0])
+            if len(rows) < wanted:
+                token = self._wait_token(conn)
+                due = self._next_due(conn, queues)
         deliveries = [_Delivery(*row, worker_id) for row in rows] + [None] * (wanted - len(rows))
         return list(zip(deliveries, settled)), token, due
 
