@@ -1034,19 +1034,21 @@ class Transport:
     def _wait_token(self, conn):
         return None
 
-    def claim_batch(self, queues, worker_id, settles):
-        """:meth:`claim` for several threads of one worker at once, in one transaction.
+    def claim_batch(self, queues, worker_id, settles, wanted):
+        """:meth:`claim` for several messages at once (a worker's threads, or ``--prefetch``), in one transaction.
 
         Settles each outcome of ``settles`` (None: nothing to settle), then
-        claims up to one message for each.  Returns ``(results, token, due)``:
-        ``results`` holds ``(delivery or None, settled)`` per entry.
+        claims up to ``wanted`` messages, in the order as many claims one
+        after another would take them.  Returns ``(deliveries, settled,
+        token, due)``: what was claimed, and for each entry of ``settles``
+        whether it was applied; ``token`` and ``due`` as :meth:`claim` gives
+        them when fewer than ``wanted`` were found.
         """
-        return self._claim_on_connection(self._claim_batch, queues, worker_id, settles)
+        return self._claim_on_connection(self._claim_batch, queues, worker_id, settles, wanted)
 
-    def _claim_batch(self, conn, queues, worker_id, settles):
+    def _claim_batch(self, conn, queues, worker_id, settles, wanted):
         sql = self.sql
         token = due = None
-        wanted = len(settles)
         rows = []
         with self.transaction(conn):
             settled = [conn.execute(sql[s.kind], s.params()).rowcount == 1 if s is not None else True
@@ -1061,8 +1063,7 @@ class Transport:
             if len(rows) < wanted:
                 token = self._wait_token(conn)
                 due = self._next_due(conn, queues)
-        deliveries = [_Delivery(*row, worker_id) for row in rows] + [None] * (wanted - len(rows))
-        return list(zip(deliveries, settled)), token, due
+        return [_Delivery(*row, worker_id) for row in rows], settled, token, due
 
     def claim_failed(self, message_id, worker_id, settle=None):
         """Settle ``settle``, then claim failed message ``message_id`` (None: retried or removed meanwhile)."""
@@ -2158,8 +2159,8 @@ class PostgresTransport(Transport):
             self._local.relaxed = conn
         return self._cursor(conn)
 
-    def _claim_batch(self, conn, queues, worker_id, settles):
-        """A worker's threads settle and claim together, in one round trip when every outcome is an ack.
+    def _claim_batch(self, conn, queues, worker_id, settles, wanted):
+        """A worker's threads (or a prefetch) settle and claim together, in one round trip when every outcome is an ack.
 
         One statement acknowledges every ack of the batch (fenced, as alone)
         and claims from the first queue up to as many messages as there are
@@ -2167,10 +2168,9 @@ class PostgresTransport(Transport):
         Sixteen threads make one round trip where they made sixteen, and
         wake one server process instead of sixteen.
         """
-        wanted = len(settles)
-        if wanted == 1:  # most batches, when the threads' handlers take about as long: no arrays to send
+        if wanted == 1 and len(settles) == 1:  # most batches of threads whose handlers take about as long
             delivery, settled, token, due = self._claim(conn, queues, worker_id, settles[0])
-            return [(delivery, settled)], token, due
+            return [delivery] if delivery is not None else [], [settled], token, due
         now = time.time()
         try:
             cursor = self._relaxed_cursor(conn)
@@ -2191,8 +2191,7 @@ class PostgresTransport(Transport):
         except self.psycopg.Error as exc:
             raise self._error(exc) from exc
         settled = [s is None or (s.params() in acked if s.kind == "ack" else id(s) not in refused) for s in settles]
-        deliveries = [_Delivery(*row, worker_id) for row in rows] + [None] * (wanted - len(rows))
-        return list(zip(deliveries, settled)), None, due
+        return [_Delivery(*row, worker_id) for row in rows], settled, None, due
 
     # A transactional handler's transaction is a psycopg Transaction: its
     # connection then refuses commit() and rollback() from handler code.
@@ -3649,9 +3648,10 @@ class Worker:
                 with self._claims_lock:
                     batch, self._claims_wanted = self._claims_wanted, []
                 try:
-                    results, token, due = self.transport.claim_batch(self.queues, self.worker_id,
-                                                                     [r.outcome for r in batch])
-                    for r, (delivery, settled) in zip(batch, results):
+                    deliveries, settled, token, due = self.transport.claim_batch(
+                        self.queues, self.worker_id, [r.outcome for r in batch], len(batch))
+                    deliveries += [None] * (len(batch) - len(deliveries))
+                    for r, delivery, settled in zip(batch, deliveries, settled):
                         r.result = (delivery, settled, None, None) if delivery is not None else (None, settled, token, due)
                         # held from the claim on, as seen by a thread giving back what nobody holds (_lane_loop)
                         r.lane.holding = delivery.id if delivery is not None else None

@@ -818,14 +818,13 @@ def test_close_closes_the_connections_of_every_thread(tmp_path):
 
 @pytest.mark.backends
 def test_a_batch_claim_settles_each_outcome_fenced_then_claims_across_queues(jobs):
-    # What a worker's threads do together: each outcome applied as alone (a stale one refused), then up to
-    # one message per thread asking, from the first queue that has them.
+    # What a worker's threads (or --prefetch) do: each outcome applied as alone (a stale one refused), then up
+    # to the number wanted, from the first queue that has them.
     notes = [jobs.dispatch("note", {"n": i}) for i in range(3)]
     mails = [jobs.dispatch("greet", {"to": to}) for to in "ab"]
     transport = jobs.transport
-    results, _, _ = transport.claim_batch(["async", "mail"], 7, [None, None, None])
-    first = [delivery for delivery, settled in results]
-    assert sorted(d.id for d in first) == notes and all(settled for _, settled in results)
+    first, settled, _, _ = transport.claim_batch(["async", "mail"], 7, [None, None, None], 3)
+    assert sorted(d.id for d in first) == notes and settled == [True, True, True]
     by_id = {d.id: d for d in first}
     later = time.time() + 60
     stale = jobrunner._Delivery(*[getattr(by_id[notes[0]], f) for f in ("id", "body", "headers", "queue", "created_at",
@@ -833,9 +832,9 @@ def test_a_batch_claim_settles_each_outcome_fenced_then_claims_across_queues(job
     settles = [jobrunner._Outcome("ack", by_id[notes[0]]), jobrunner._Outcome("ack", stale),
                jobrunner._Outcome("retry", by_id[notes[1]], later, by_id[notes[1]].headers),
                jobrunner._Outcome("fail", by_id[notes[2]], time.time(), by_id[notes[2]].headers), None]
-    results, _, due = transport.claim_batch(["async", "mail"], 7, settles)
-    assert [settled for _, settled in results] == [True, False, True, True, True]
-    assert sorted(d.id for d, _ in results if d is not None) == mails and [d for d, _ in results][2:] == [None] * 3
+    claimed, settled, _, due = transport.claim_batch(["async", "mail"], 7, settles, 8)
+    assert settled == [True, False, True, True, True]
+    assert sorted(d.id for d in claimed) == mails
     assert due == pytest.approx(later)  # the retried message is the next one due
     stored = q(jobs, "SELECT id, queue_name, claimed_by, attempts, delivered_at IS NOT NULL FROM messenger_messages "
                      "ORDER BY id")
