@@ -3146,6 +3146,8 @@ _LEVELS = {0: logging.INFO, 1: _VERBOSE, 2: logging.DEBUG, 3: _SQL_TRACE}
 _TRACEBACK_LIMIT = 20000
 _STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt gets this long before the worker exits
 _MAX_THREADS = 256  # handler threads per worker process
+_MAX_PREFETCH = 1000  # messages a worker claims at once with --prefetch
+_SETTLE_WITHIN = 0.1  # seconds a prefetching worker may hold outcomes before writing them
 
 
 _LOG_FORMATS = ("text", "json")
@@ -3364,7 +3366,7 @@ class Worker:
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
                  name=None, install_signals=True, parent_pid=None, stop_timeout=10.0, owns_process=False,
-                 on_ready=None, until_empty=False, replay_filter=None, ping_file=None, threads=1):
+                 on_ready=None, until_empty=False, replay_filter=None, ping_file=None, threads=1, prefetch=1):
         if not queues:
             raise ConfigurationError("a worker needs at least one queue")
         #: `consume failed`: each failed message (oldest first) runs its handler once more; one pass
@@ -3383,6 +3385,11 @@ class Worker:
             raise ConfigurationError("threads must be a whole number from 1 to %d, not %r" % (_MAX_THREADS, threads))
         if threads > 1 and self.replay:
             raise ConfigurationError("consume failed replays one message at a time: it takes no --threads")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 1 <= prefetch <= _MAX_PREFETCH:
+            raise ConfigurationError("prefetch must be a whole number from 1 to %d, not %r" % (_MAX_PREFETCH, prefetch))
+        if prefetch > 1 and (threads > 1 or self.replay):
+            raise ConfigurationError("--prefetch is for one handler at a time: threads claim together already, and "
+                                     "consume failed replays one message at a time")
         for option, value in (("time_limit", time_limit), ("sleep", sleep)):
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
                 raise ConfigurationError("%s must be a number of seconds >= 0, not %r" % (option, value))
@@ -3406,6 +3413,10 @@ class Worker:
         self._stop_logged = False
         self._waiter = None
         self.threads = threads
+        self.prefetch = prefetch
+        self._prefetched = collections.deque()  # --prefetch: claimed, not yet started, in claim order
+        self._unsettled = []  # --prefetch: outcomes to write with the next claim
+        self._claim_error = None
         self._lanes = [_Lane(alarm=threads == 1)] if threads == 1 else [_Lane(alarm=False) for _ in range(threads)]
         self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
         self._idle_turn = threading.Condition()
@@ -3508,8 +3519,9 @@ class Worker:
         self._signals_installed = True
         return previous
 
-    def _limit_reached(self, started):
-        if self.limit is not None and self.processed >= self.limit:
+    def _limit_reached(self, started, ahead=0):
+        """Why the worker should stop now, if it should; ``ahead``: messages counted, claimed and not yet run."""
+        if self.limit is not None and self.processed - ahead >= self.limit:
             return "message limit of %d reached" % self.limit
         if self.failure_limit is not None and self.failed >= self.failure_limit:
             return "failure limit of %d reached" % self.failure_limit
@@ -3595,6 +3607,8 @@ class Worker:
     def _loop(self, started):
         if self.replay:
             return self._replay_loop(started)
+        if self.prefetch > 1:
+            return self._prefetch_loop(self._lanes[0], started)
         if self.threads == 1:
             return self._lane_loop(self._lanes[0], started)
         return self._run_lanes(started)
@@ -3619,18 +3633,22 @@ class Worker:
             self.stop("a handler thread crashed: %s" % _error_class(exc), exit_code=1)
         finally:
             lane.current = None
-            self._settle_last(outcome)
+            self._settle_last([outcome])
             self.transport.close()  # this thread's connection
 
-    def _settle_last(self, outcome):
-        """Settle the last outcome of the worker, or of one of its threads; never raises."""
-        try:
-            if outcome is not None and not self.transport.settle(outcome):
-                _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
-                             outcome.delivery.id)
-        except JobRunnerError as exc:
-            _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
-                       outcome.delivery.id, exc)
+    def _settle_last(self, outcomes):
+        """Settle the last outcomes of the worker, or of one of its threads (None: none); never raises."""
+        for outcome in outcomes:
+            try:
+                if outcome is not None and not self.transport.settle(outcome):
+                    self._refused(outcome)
+            except JobRunnerError as exc:
+                _log.error("could not record the outcome of message %d: %s (it will be delivered again)",
+                           outcome.delivery.id, exc)
+
+    def _refused(self, outcome):
+        _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
+                     outcome.delivery.id)
 
     def _claim_together(self, outcome, lane):
         """Threads: settle and claim at once for every thread waiting to, whoever runs it.
@@ -3664,26 +3682,27 @@ class Worker:
             raise request.error
         return request.result
 
-    def _take_slot(self):
-        """Count one more message before claiming it; False once ``limit`` messages were taken."""
+    def _take_slots(self, wanted=1):
+        """Count up to ``wanted`` more messages before claiming them; how many (0 once ``limit`` were taken)."""
         with self._counts_lock:
-            if self.limit is not None and self.processed >= self.limit:
-                return False
-            self.processed += 1
-            return True
+            if self.limit is not None:
+                wanted = max(0, min(wanted, self.limit - self.processed))
+            self.processed += wanted
+            return wanted
 
-    def _give_back_slot(self):
+    def _give_back_slots(self, count=1):
         with self._counts_lock:
-            self.processed -= 1
+            self.processed -= count
 
-    def _give_back_unseen(self, lane, outcome):
+    def _give_back_unseen(self, lane, outcomes):
         """Release what this worker claimed and no thread holds: claims a lost connection never answered.
 
+        ``outcomes``: what this lane has still to settle, whose claims it keeps.
         With threads, under the claim lock: a claim another thread has just
         made is then held already, not taken for an unseen one.
         """
         with self._claim_lock or contextlib.nullcontext():
-            keep = self._held_elsewhere(lane) + ([outcome.delivery.id] if outcome else [])
+            keep = self._held_elsewhere(lane) + [outcome.delivery.id for outcome in outcomes if outcome is not None]
             released = self.transport.release_own(self.worker_id, keep)
         if released:
             _log.warning("gave back %d message(s) claimed while the connection was lost", released)
@@ -3702,32 +3721,27 @@ class Worker:
                 self.stop(reason)
             if self._stop_reason is not None:
                 return outcome
-            if not self._take_slot():
+            if not self._take_slots():
                 self.stop("message limit of %d reached" % self.limit)
                 continue
             try:
                 if backoff:  # the last claim failed: it may have committed all the same, unseen
-                    self._give_back_unseen(lane, outcome)
+                    self._give_back_unseen(lane, [outcome])
                 if self._claim_lock is None:
                     delivery, settled, token, due = self.transport.claim(self.queues, self.worker_id, outcome)
                     lane.holding = delivery.id if delivery is not None else None
                 else:
                     delivery, settled, token, due = self._claim_together(outcome, lane)
             except StorageError as exc:
-                self._give_back_slot()
-                backoff = min(30.0, max(0.5, backoff * 2))
-                _log.error("%s; retrying in %gs", exc, backoff)
-                if self.time_limit is not None:
-                    backoff = min(backoff, max(0.0, self.time_limit - (time.monotonic() - started)))
-                self._waiter.sleep(backoff)
+                self._give_back_slots()
+                backoff = self._back_off(exc, backoff, started)
                 continue
             backoff = 0.0
             if not settled:
-                _log.warning("message %d: claim was released while handling it (worker thought dead); outcome refused",
-                             outcome.delivery.id)
+                self._refused(outcome)
             outcome = None
             if delivery is None:
-                self._give_back_slot()
+                self._give_back_slots()
                 if self.until_empty:
                     self.stop("no message is ready")
                     continue
@@ -3737,6 +3751,75 @@ class Worker:
                     self._idle_lane(token, due, started)
                 continue
             outcome = self._process(delivery, lane)
+
+    def _back_off(self, exc, backoff, started):
+        """After a failed claim: wait longer each time, up to 30 s (never past the time limit); the new wait."""
+        backoff = min(30.0, max(0.5, backoff * 2))
+        _log.error("%s; retrying in %gs", exc, backoff)
+        if self.time_limit is not None:
+            backoff = min(backoff, max(0.0, self.time_limit - (time.monotonic() - started)))
+        self._waiter.sleep(backoff)
+        return backoff
+
+    def _prefetch_loop(self, lane, started):
+        """``prefetch`` N: claim up to N messages in one write, run them in order, settle them in the next one.
+
+        Settling waits for the next claim, or ``_SETTLE_WITHIN`` seconds when
+        a handler of the batch runs longer; a worker killed in between has
+        those messages handled again (at-least-once, with up to N duplicates
+        a kill instead of one).  At a stop, what it claimed and never
+        started goes back with its attempt given back (:meth:`_finish`);
+        a killed worker's goes back at the normal release.
+        """
+        ready, unsettled = self._prefetched, self._unsettled
+        backoff = 0.0
+        settle_by = 0.0
+        while True:
+            reason = self._limit_reached(started, ahead=len(ready))
+            if reason:
+                self.stop(reason)
+            if self._stop_reason is not None:
+                return None
+            if ready:
+                if unsettled and time.monotonic() >= settle_by:
+                    self._settle_and_claim(unsettled, 0)
+                outcome = self._process(ready.popleft(), lane)
+                if outcome is not None:
+                    settle_by = settle_by if unsettled else time.monotonic() + _SETTLE_WITHIN
+                    unsettled.append(outcome)
+                continue
+            wanted = self._take_slots(self.prefetch)
+            if not wanted:
+                self.stop("message limit of %d reached" % self.limit)
+                continue
+            if backoff:  # the last claim failed: it may have committed all the same, unseen
+                with contextlib.suppress(StorageError):
+                    self._give_back_unseen(lane, unsettled)
+            claimed, token, due = self._settle_and_claim(unsettled, wanted)
+            self._give_back_slots(wanted - len(claimed or ()))
+            if claimed is None:
+                backoff = self._back_off(self._claim_error, backoff, started)
+                continue
+            backoff = 0.0
+            if claimed:
+                ready.extend(claimed)
+            elif self.until_empty:
+                self.stop("no message is ready")
+            else:
+                self._idle(token, due, started)
+
+    def _settle_and_claim(self, unsettled, wanted):
+        """Settle ``unsettled`` (emptied once written) and claim up to ``wanted``; claims None if it failed."""
+        try:
+            claimed, settled, token, due = self.transport.claim_batch(self.queues, self.worker_id, unsettled, wanted)
+        except StorageError as exc:
+            self._claim_error = exc
+            return None, None, None
+        for outcome, ok in zip(unsettled, settled):
+            if not ok:
+                self._refused(outcome)
+        unsettled.clear()
+        return claimed, token, due
 
     def _replay_loop(self, started):
         # A replay killed on this host left its message claimed: give it back now, not at the first reap,
@@ -3813,7 +3896,12 @@ class Worker:
             counts = self.take_counts()
             if counts:
                 self.transport.add_counts(counts)
-        self._settle_last(outcome)
+        # prefetched and never started: back on the queue, their attempt given back
+        unstarted = [_Outcome("release", delivery) for delivery in self._prefetched]
+        self._give_back_slots(len(unstarted))
+        self._settle_last(self._unsettled + [outcome] + unstarted)
+        self._prefetched.clear()
+        self._unsettled.clear()
         try:
             if self.worker_id is not None:
                 self.transport.unregister_worker(self.worker_id, keep_row=bool(self.parent_pid))
@@ -4472,6 +4560,8 @@ class ProgramConfig:
     kind: str = "worker"
     #: handlers run at once in each process, each in its own thread
     threads: int = 1
+    #: messages each worker claims at once (fast handlers: one write per batch, up to N duplicates a kill)
+    prefetch: int = 1
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name or ""):
@@ -4487,14 +4577,17 @@ class ProgramConfig:
             _check_queue_name(queue)
         if self.autorestart not in _AUTORESTART:
             raise ConfigurationError("autorestart must be true, false or unexpected, not %r" % (self.autorestart,))
-        for key in ("numprocs", "threads", "startretries", "log_backups", "log_max_bytes"):
-            value, least = getattr(self, key), 1 if key in ("numprocs", "threads") else 0
+        for key in ("numprocs", "threads", "prefetch", "startretries", "log_backups", "log_max_bytes"):
+            value, least = getattr(self, key), 1 if key in ("numprocs", "threads", "prefetch") else 0
             if not isinstance(value, int) or value < least:
                 raise ConfigurationError("%s of program %s must be a whole number >= %d, not %r"
                                          % (key, self.name, least, value))
         if self.threads > _MAX_THREADS:
             raise ConfigurationError("threads of program %s must be at most %d, not %d"
                                      % (self.name, _MAX_THREADS, self.threads))
+        if self.prefetch > _MAX_PREFETCH or (self.prefetch > 1 and self.threads > 1):
+            raise ConfigurationError("prefetch of program %s must be at most %d, and goes with threads = 1 (threads "
+                                     "claim together already), not %d" % (self.name, _MAX_PREFETCH, self.prefetch))
         for key in ("limit", "failure_limit", "memory_limit", "time_limit"):
             if getattr(self, key) == 0:
                 raise ConfigurationError("program %s: --%s 0 would restart its workers in a loop"
@@ -5099,7 +5192,8 @@ class Supervisor:
                 worker = Worker(app, program.queues, limit=program.limit, failure_limit=program.failure_limit,
                                 memory_limit=program.memory_limit, time_limit=program.time_limit, sleep=program.sleep,
                                 name=proc.name, parent_pid=supervisor_pid, stop_timeout=program.stopwaitsecs,
-                                owns_process=True, on_ready=say_ready, ping_file=ping, threads=program.threads)
+                                owns_process=True, on_ready=say_ready, ping_file=ping, threads=program.threads,
+                                prefetch=program.prefetch)
             worker.run()
             code = worker.exit_code
         except JobRunnerError as exc:
@@ -5541,6 +5635,9 @@ _LIMITS = (
     _option("--threads", type="positive_count", default=1, show_default=True,
             help="Handlers run at once in each worker process, each in its own thread (for handlers that wait on "
                  "the network; CPU-bound handlers want more processes instead)."),
+    _option("--prefetch", type="positive_count", default=1, show_default=True,
+            help="Messages a worker claims at once, then runs in order and settles together: one write per batch for "
+                 "fast handlers; a killed worker runs up to this many again."),
     _option("--heartbeat-timeout", type="positive",
             help="Seconds of silence after which a worker counts as dead and its message is released."),
     _VERBOSITY,
@@ -5728,8 +5825,8 @@ _PING_FILE = _option("--ping-file", metavar="PATH",
           _option("--error", "errors", multiple=True, metavar="CLASS",
                   help="With `consume failed`: only messages that failed with this error class (repeatable)."),
           _APP)
-def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, threads, heartbeat_timeout, verbosity,
-                 log_format, ping_file, handlers, errors, app_spec, dsn):
+def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, threads, prefetch, heartbeat_timeout,
+                 verbosity, log_format, ping_file, handlers, errors, app_spec, dsn):
     """Handle messages from QUEUES, the first non-empty one first (default: every queue of the app).
 
     Stops after the current message on SIGTERM, SIGINT, `stop-workers` or a
@@ -5744,6 +5841,7 @@ def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, 
         raise ConfigurationError("--handler and --error choose failed messages: they go with consume failed")
     worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
                         time_limit=time_limit, sleep=sleep, name="consume", owns_process=True, threads=threads,
+                        prefetch=prefetch,
                         replay_filter=replay_filter,
                         ping_file=_expand_ping_file(ping_file, "consume", os.getpid()) if ping_file else None)
     worker.run()
@@ -6054,8 +6152,8 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
           _LIMITS, _APP)
 def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, startsecs, startretries, stopwaitsecs,
                    log_max_bytes, log_backups, supervisor_log_max_bytes, supervisor_log_backups, scheduler, ping_file,
-                   limit, failure_limit, memory_limit, time_limit, sleep, threads, heartbeat_timeout, verbosity,
-                   log_format, app_spec, dsn):
+                   limit, failure_limit, memory_limit, time_limit, sleep, threads, prefetch, heartbeat_timeout,
+                   verbosity, log_format, app_spec, dsn):
     """Run and keep alive NUMPROCS workers for QUEUES (or the programs of --config), in the foreground.
 
     With no queue, the workers take every queue of the app. SIGTERM/SIGINT
@@ -6082,7 +6180,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
         programs = [ProgramConfig(
             name or ("-".join(queues) if queues else "worker"), list(queues), numprocs, limit, failure_limit,
             memory_limit, time_limit, sleep, verbosity, autorestart, startsecs, startretries, stopwaitsecs,
-            log_max_bytes, log_backups, log_format=log_format, threads=threads)]
+            log_max_bytes, log_backups, log_format=log_format, threads=threads, prefetch=prefetch)]
     if spec is None:
         raise ConfigurationError(_NO_APP)
     _configure_logging(0, "supervisor", log_format=log_format)
@@ -6208,7 +6306,7 @@ _SUPERVISE_KEYS = {"app": str, "dsn": str, "log_dir": str, "log_format": _log_fo
 _PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
                  "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
                  "log_backups": int, "stdout_logfile_backups": int, "environment": _parse_environment,
-                 "directory": _existing_directory, "threads": int}
+                 "directory": _existing_directory, "threads": int, "prefetch": int}
 _PROGRAM_ALIASES = {"stdout_logfile_maxbytes": "log_max_bytes", "stdout_logfile_backups": "log_backups"}
 # supervisord settings that mean nothing here (jobrunner names processes and logs itself): accepted, with a warning
 _IGNORED_SUPERVISORD_KEYS = {"process_name", "user", "autostart", "redirect_stderr", "stdout_logfile",
@@ -6284,7 +6382,7 @@ def _read_program(name, options):
     return ProgramConfig(program, list(params["queues"]), limit=params["limit"], failure_limit=params["failure_limit"],
                          memory_limit=params["memory_limit"], time_limit=params["time_limit"], sleep=params["sleep"],
                          verbosity=params["verbosity"], log_format=params["log_format"],
-                         **dict({"threads": params["threads"]}, **values))
+                         **dict({"threads": params["threads"], "prefetch": params["prefetch"]}, **values))
 
 
 # Building and running the click commands
