@@ -588,12 +588,12 @@ _SQL = {
              "AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?) "
              "ORDER BY priority DESC, available_at, id LIMIT 1{lock}) "
              "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
-    # up to N messages at once, for the threads of one worker
+    # up to N messages at once, for the threads of one worker or a prefetch (the priority to sort them by)
     "claim_many": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
                   "WHERE id IN (SELECT id FROM {messages} WHERE queue_name = ? AND delivered_at IS NULL "
                   "AND available_at <= ? AND NOT EXISTS (SELECT 1 FROM jobrunner_control WHERE key = ?) "
                   "ORDER BY priority DESC, available_at, id LIMIT ?{lock}) "
-                  "RETURNING id, body, headers, queue_name, created_at, available_at, attempts",
+                  "RETURNING id, body, headers, queue_name, created_at, available_at, attempts, priority",
     # `consume failed`: one failed message at a time, by id, to run its handler once more
     "claim_failed": "UPDATE {messages} SET delivered_at = ?, claimed_by = ?, attempts = attempts + 1 "
                     "WHERE id = ? AND queue_name = 'failed' AND delivered_at IS NULL "
@@ -2181,12 +2181,12 @@ class PostgresTransport(Transport):
             found = cursor.execute(self.ack_and_claim, (ids, workers, attempts, now, worker_id, queues[0], now,
                                                         _PAUSED + queues[0], wanted), prepare=True).fetchall()
             acked = {tuple(fence) for fence in found[0][0] or ()}
-            rows = [row[1:] for row in found if row[1] is not None]
+            rows = _in_claim_order([row[1:] for row in found if row[1] is not None])
             for queue in queues[1:]:
                 if len(rows) == wanted:
                     break
-                rows += cursor.execute(self.sql["claim_many"], (now, worker_id, queue, now, _PAUSED + queue,
-                                                                wanted - len(rows)), prepare=True).fetchall()
+                rows += _in_claim_order(cursor.execute(self.sql["claim_many"], (
+                    now, worker_id, queue, now, _PAUSED + queue, wanted - len(rows)), prepare=True).fetchall())
             due = self._next_due(conn, queues) if len(rows) < wanted else None
         except self.psycopg.Error as exc:
             raise self._error(exc) from exc
@@ -2244,6 +2244,11 @@ class PostgresTransport(Transport):
 
 _ID_BLOCK = 64
 _UNIQUE_CONFLICT = " ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
+
+
+def _in_claim_order(rows):
+    """Rows of one ``claim_many``, whose RETURNING comes in no order, as the claim took them (priority dropped)."""
+    return [row[:-1] for row in sorted(rows, key=lambda row: (-row[-1], row[5], row[0]))]
 
 
 def _advisory_key(*parts):
@@ -3147,7 +3152,6 @@ _TRACEBACK_LIMIT = 20000
 _STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt gets this long before the worker exits
 _MAX_THREADS = 256  # handler threads per worker process
 _MAX_PREFETCH = 1000  # messages a worker claims at once with --prefetch
-_SETTLE_WITHIN = 0.1  # seconds a prefetching worker may hold outcomes before writing them
 
 
 _LOG_FORMATS = ("text", "json")
@@ -3415,7 +3419,8 @@ class Worker:
         self.threads = threads
         self.prefetch = prefetch
         self._prefetched = collections.deque()  # --prefetch: claimed, not yet started, in claim order
-        self._unsettled = []  # --prefetch: outcomes to write with the next claim
+        self._unsettled = []  # --prefetch: outcomes to write with the next claim (or the next heartbeat)
+        self._unsettled_lock = threading.RLock()
         self._claim_error = None
         self._lanes = [_Lane(alarm=threads == 1)] if threads == 1 else [_Lane(alarm=False) for _ in range(threads)]
         self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
@@ -3764,8 +3769,8 @@ class Worker:
     def _prefetch_loop(self, lane, started):
         """``prefetch`` N: claim up to N messages in one write, run them in order, settle them in the next one.
 
-        Settling waits for the next claim, or ``_SETTLE_WITHIN`` seconds when
-        a handler of the batch runs longer; a worker killed in between has
+        Settling waits for the next claim, or for the next heartbeat while a
+        handler of the batch runs longer; a worker killed in between has
         those messages handled again (at-least-once, with up to N duplicates
         a kill instead of one).  At a stop, what it claimed and never
         started goes back with its attempt given back (:meth:`_finish`);
@@ -3773,7 +3778,6 @@ class Worker:
         """
         ready, unsettled = self._prefetched, self._unsettled
         backoff = 0.0
-        settle_by = 0.0
         while True:
             reason = self._limit_reached(started, ahead=len(ready))
             if reason:
@@ -3781,12 +3785,10 @@ class Worker:
             if self._stop_reason is not None:
                 return None
             if ready:
-                if unsettled and time.monotonic() >= settle_by:
-                    self._settle_and_claim(unsettled, 0)
                 outcome = self._process(ready.popleft(), lane)
                 if outcome is not None:
-                    settle_by = settle_by if unsettled else time.monotonic() + _SETTLE_WITHIN
-                    unsettled.append(outcome)
+                    with self._unsettled_lock:
+                        unsettled.append(outcome)
                 continue
             wanted = self._take_slots(self.prefetch)
             if not wanted:
@@ -3810,16 +3812,27 @@ class Worker:
 
     def _settle_and_claim(self, unsettled, wanted):
         """Settle ``unsettled`` (emptied once written) and claim up to ``wanted``; claims None if it failed."""
-        try:
-            claimed, settled, token, due = self.transport.claim_batch(self.queues, self.worker_id, unsettled, wanted)
-        except StorageError as exc:
-            self._claim_error = exc
-            return None, None, None
-        for outcome, ok in zip(unsettled, settled):
-            if not ok:
-                self._refused(outcome)
-        unsettled.clear()
+        with self._unsettled_lock:
+            try:
+                claimed, settled, token, due = self.transport.claim_batch(self.queues, self.worker_id, unsettled,
+                                                                          wanted)
+            except StorageError as exc:
+                self._claim_error = exc
+                return None, None, None
+            for outcome, ok in zip(unsettled, settled):
+                if not ok:
+                    self._refused(outcome)
+            unsettled.clear()
         return claimed, token, due
+
+    def settle_held(self):
+        """``--prefetch``: write the outcomes held back while a handler runs long (from the heartbeat)."""
+        if self._unsettled and self._unsettled_lock.acquire(blocking=False):  # else the loop is writing them
+            try:
+                if self._unsettled:
+                    self._settle_and_claim(self._unsettled, 0)
+            finally:
+                self._unsettled_lock.release()
 
     def _replay_loop(self, started):
         # A replay killed on this host left its message claimed: give it back now, not at the first reap,
@@ -4325,6 +4338,7 @@ class _Heartbeat(threading.Thread):
         for message_id in running:
             if self.transport.is_cancelled(message_id):
                 worker.cancel_current(message_id)
+        worker.settle_held()
         counts = worker.take_counts()
         if counts:
             try:

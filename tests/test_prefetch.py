@@ -1,0 +1,89 @@
+"""--prefetch: a worker claims several messages in one write, runs them in order and settles them together; what it
+holds and never started goes back at a stop, or at the normal release when it is killed.  Real worker processes,
+real signals, on SQLite and PostgreSQL."""
+
+import os
+import signal
+
+import pytest
+
+from conftest import wait_until, watch_stderr
+from test_supervisor import alive, log_text, sups, wait_running  # noqa: F401 (sups is a fixture)
+from test_threads import running
+
+pytestmark = pytest.mark.backends
+
+
+def queued(project):
+    """``(attempts, claimed)`` of each message still stored, by id."""
+    return project.query("SELECT attempts, claimed_by IS NOT NULL FROM messenger_messages ORDER BY id")
+
+
+def test_prefetch_runs_each_message_once_in_order_and_keeps_the_limit_exact(project, app):
+    app.dispatch_many("note", [{"n": i} for i in range(30)])
+    result = project.cli("consume", "async", "--prefetch", 8, "--limit", 20)
+    assert result.returncode == 0, result.stderr
+    assert "stopped: message limit of 20 reached (20 messages" in result.stderr
+    assert [value for value, _ in project.handled()] == [str(i) for i in range(20)]  # in dispatch order, each once
+    # the last batch asked for 4 (the limit), so the other 10 were never claimed
+    assert queued(project) == [(0, 0)] * 10
+
+
+def test_a_prefetching_worker_holds_a_batch_and_gives_back_what_it_never_started(project, app):
+    gate = project.path / "open"
+    app.dispatch_many("gate", [{"n": i, "path": str(gate)} for i in range(5)])
+    worker = watch_stderr(project.start("consume", "slow", "--prefetch", 3))
+    wait_until(lambda: len(project.handled("start")) == 1, message="the first handler to start")
+    assert sorted(running(project)) == [1, 2, 3]  # one write claimed three
+    worker.send_signal(signal.SIGTERM)
+    gate.touch()
+    assert worker.wait(timeout=10) == 0
+    assert project.values() == ["0"]
+    # the two it prefetched are back with their attempt given back, as if never claimed, like the two it never took
+    assert queued(project) == [(0, 0)] * 4
+
+
+def test_a_long_handler_does_not_hold_back_the_outcomes_of_its_batch(project, app):
+    gate = project.path / "open"
+    done = app.dispatch("slow", {"n": 0, "seconds": 0})
+    app.dispatch("gate", {"n": 1, "path": str(gate)})
+    worker = watch_stderr(project.start("consume", "slow", "--prefetch", 2))
+    try:
+        wait_until(lambda: len(project.handled("start")) == 2, message="the gate to start")
+        # the first message's acknowledgement is written by the heartbeat while the second handler still runs
+        wait_until(lambda: project.query("SELECT id FROM messenger_messages") != [(done,), (done + 1,)]
+                   and project.query("SELECT id FROM messenger_messages") == [(done + 1,)], timeout=5,
+                   message="the first message acknowledged")
+    finally:
+        gate.touch()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0
+    assert project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)]
+
+
+def test_a_killed_prefetching_worker_has_its_whole_batch_back_at_the_normal_release(project, app, sups):
+    gate = project.path / "open"
+    app.dispatch_many("gate", [{"n": i, "path": str(gate)} for i in range(4)])
+    sups.start("slow", "--prefetch", 4)
+    victim = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
+    wait_until(lambda: len(running(project)) == 4, message="four messages claimed by one worker")
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_running(project, sups, ["slow_00"], exclude=(victim,))["slow_00"]["pid"]
+    assert "released 4 message(s) held by dead worker(s) %d" % victim in log_text(project, "supervisor.log")
+    gate.touch()
+    wait_until(lambda: len(project.values()) == 4, message="the four to be handled by the new worker")
+    assert sorted(int(v) for v in project.values()) == list(range(4))
+    assert {pid for _, pid in project.handled()} == {replaced}
+    wait_until(lambda: project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)], timeout=10,
+               message="the four acknowledged")
+    assert not alive(victim)
+
+
+def test_prefetch_out_of_range_or_with_threads_is_refused_in_one_line(project):
+    for args in (["--prefetch", 0], ["--prefetch", 1001], ["--prefetch", 4, "--threads", 2]):
+        result = project.cli("consume", "async", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "prefetch" in result.stderr
+    (project.path / "w.ini").write_text("[program:w]\ncommand = consume async\nthreads = 4\nprefetch = 8\n")
+    result = project.cli("supervise", "--config", "w.ini")
+    assert result.returncode == 2 and "prefetch of program w" in result.stderr
