@@ -31,6 +31,7 @@ import concurrency  # noqa: E402
 import jobrunner  # noqa: E402
 
 LINE = 10
+PREFETCH = 16  # what the --prefetch rows use
 
 
 def record_line(out, n):
@@ -99,7 +100,7 @@ def with_option(dsn, key, value):
 # --- jobrunner -----------------------------------------------------------------------------------
 
 
-def jobrunner_run(admin, n, workers):
+def jobrunner_run(admin, n, workers, prefetch=1):
     fresh_schema(admin, "bench_jobrunner")
     out = Output()
     jobs = jobrunner.JobRunner(with_option(admin, "schema", "bench_jobrunner"))
@@ -115,7 +116,8 @@ def jobrunner_run(admin, n, workers):
     batch = n / (time.perf_counter() - started)
     jobs.close()
     started = time.perf_counter()
-    pids = fork_workers(workers, lambda: jobs.run_pending(["async"]))
+    pids = fork_workers(workers, lambda: jobs.worker(["async"], until_empty=True, install_signals=False,
+                                                     prefetch=prefetch).run())
     out.wait(n)
     drain = n / (time.perf_counter() - started)
     reap(pids)
@@ -295,6 +297,7 @@ def main():
     rows = []
     for workers in (2, 4):
         ours = median_of(jobrunner_run, args.repeat, args.dsn, args.n, workers)
+        ours["prefetch"] = median_of(jobrunner_run, args.repeat, args.dsn, args.n, workers, PREFETCH)["drain"]
         bare = median_of(bare_run, args.repeat, args.dsn, args.n, workers)
         try:
             proc = median_of(procrastinate_run, args.repeat, args.dsn, args.n, workers)
@@ -306,7 +309,8 @@ def main():
                                                               "%.0f" % proc["enqueue"] if proc else "-"))
         print("  dispatch_many        %9.0f   %9s   %13s" % (ours["batch"], "-", "-"))
         print("  drain                %9.0f   %9.0f   %13s" % (ours["drain"], bare["drain"],
-                                                              "%.0f" % proc["drain"] if proc else "-"), flush=True)
+                                                              "%.0f" % proc["drain"] if proc else "-"))
+        print("  drain, --prefetch %-2d %9.0f" % (PREFETCH, ours["prefetch"]), flush=True)
     threaded = jobrunner_threads(args.dsn, 4, 16)
     print("\n64 concurrent 10 ms handlers (4 processes x 16 threads): %.0f/s steady, %.0f/s cold; %.2f and %.2f of "
           "the ideal %.0f/s (target 0.9)" % (threaded["steady"], threaded["cold"], threaded["steady"] / threaded["ideal"],
@@ -317,6 +321,7 @@ def main():
     print("\nratios")
     for workers, ours, bare, proc in rows:
         print("  drain, %d workers, vs the bare loop     %5.2fx   target >= 0.8x" % (workers, ours["drain"] / bare["drain"]))
+        print("    with --prefetch %d                    %5.2fx" % (PREFETCH, ours["prefetch"] / bare["drain"]))
         if proc:
             print("  drain, %d workers, vs Procrastinate %s %5.2fx   target >= 5x" % (
                 workers, proc["version"], ours["drain"] / proc["drain"]))

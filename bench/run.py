@@ -34,6 +34,7 @@ import jobrunner  # noqa: E402
 import peers  # noqa: E402
 
 LINE = 10  # bytes per recorded message: "%09d\n"
+PREFETCH = 16  # what the --prefetch rows use
 
 
 class Run:
@@ -69,8 +70,8 @@ class Run:
         return dict(os.environ, JOBRUNNER_DSN=self.db, JOBRUNNER_APP="bench_app", BENCH_OUT=self.out,
                     PYTHONPATH=os.pathsep.join([ROOT, HERE]))
 
-    def start_workers(self, count, *queues):
-        return [subprocess.Popen(WORKER + ["consume", *(queues or ["async"])],
+    def start_workers(self, count, *queues, prefetch=1):
+        return [subprocess.Popen(WORKER + ["consume", *(queues or ["async"]), "--prefetch", str(prefetch)],
                                  env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
 
     def app(self):
@@ -89,7 +90,7 @@ class Run:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def jobrunner_throughput(n, workers):
+def jobrunner_throughput(n, workers, prefetch=1):
     run = Run("jobrunner")
     jobs = run.app()
     jobs.setup()
@@ -103,7 +104,7 @@ def jobrunner_throughput(n, workers):
     batch = n / (time.perf_counter() - started)
     jobs.transport.close()
     started = time.perf_counter()
-    procs = run.start_workers(workers)
+    procs = run.start_workers(workers, prefetch=prefetch)
     run.wait_handled(n)
     drain = n / (time.perf_counter() - started)
     run.check_each_once(n)
@@ -230,19 +231,26 @@ def main():
           % (os.cpu_count(), sys.version.split()[0], jobrunner.sqlite3.sqlite_version, n, w, args.repeat), flush=True)
 
     ours = median_of(jobrunner_throughput, args.repeat, n, w)
+    prefetching = median_of(jobrunner_throughput, args.repeat, n, w, prefetch=PREFETCH)
     huey = median_of(huey_throughput, args.repeat, n, w)
     bare = median_of(bare_throughput, args.repeat, n, w)
     bare_silent = median_of(bare_throughput, args.repeat, n, w, record=False)
     print("\nthroughput (messages/s)        jobrunner      huey   bare loop   bare loop, not recording")
     print("  dispatch one by one        %9.0f %9.0f   %9.0f   %9.0f" % (ours["enqueue"], huey["enqueue"], bare["enqueue"], bare_silent["enqueue"]))
     print("  dispatch_many / batch      %9.0f %9s   %9.0f   %9.0f" % (ours["batch"], "-", bare["batch"], bare_silent["batch"]))
-    print("  drain, %d workers           %9.0f %9.0f   %9.0f   %9.0f" % (w, ours["drain"], huey["drain"], bare["drain"], bare_silent["drain"]), flush=True)
+    print("  drain, %d workers           %9.0f %9.0f   %9.0f   %9.0f" % (w, ours["drain"], huey["drain"], bare["drain"], bare_silent["drain"]))
+    print("  drain, --prefetch %-3d      %9.0f" % (PREFETCH, prefetching["drain"]), flush=True)
 
     load_rate = ours["drain"] / 2
     load = concurrency.latency_under_load(Run, load_rate, 10)
     print("\nlatency under load (dispatch at %.0f/s, half the drain rate, 2 workers): median %.2f ms, p99 %.2f ms "
           "(targets 2 ms, 20 ms): %s" % (load["rate"], load["median_ms"], load["p99_ms"],
                                          verdict(load["median_ms"] <= 2 and load["p99_ms"] <= 20)), flush=True)
+    for rate in (load_rate, prefetching["drain"] / 2):
+        prefetched = concurrency.latency_under_load(Run, rate, 10, prefetch=PREFETCH)
+        print("  with --prefetch %d, dispatch at %.0f/s: median %.2f ms, p99 %.2f ms: %s" % (
+            PREFETCH, prefetched["rate"], prefetched["median_ms"], prefetched["p99_ms"],
+            verdict(prefetched["median_ms"] <= 2 and prefetched["p99_ms"] <= 20)), flush=True)
     io = io_sweep([int(c) for c in args.concurrency.split(",") if c.strip()])
 
     wake = wake_up(200)
@@ -255,6 +263,10 @@ def main():
         ("drain vs huey", ours["drain"] / huey["drain"], ">= 4x", ours["drain"] / huey["drain"] >= 4),
         ("drain vs bare loop", ours["drain"] / bare["drain"], ">= 0.5x", ours["drain"] / bare["drain"] >= 0.5),
         ("drain vs bare loop not recording", ours["drain"] / bare_silent["drain"], "(for reference)", True),
+        ("drain --prefetch %d vs bare loop" % PREFETCH, prefetching["drain"] / bare["drain"], ">= 1x",
+         prefetching["drain"] / bare["drain"] >= 1),
+        ("drain --prefetch %d vs huey" % PREFETCH, prefetching["drain"] / huey["drain"], ">= 5x",
+         prefetching["drain"] / huey["drain"] >= 5),
         ("dispatch vs huey", ours["enqueue"] / huey["enqueue"], ">= 5x", ours["enqueue"] / huey["enqueue"] >= 5),
         ("dispatch_many vs bare batch", ours["batch"] / bare["batch"], ">= 0.7x or >= 100,000/s",
          ours["batch"] / bare["batch"] >= 0.7 or ours["batch"] >= 100000),
