@@ -3421,7 +3421,6 @@ class Worker:
         self._prefetched = collections.deque()  # --prefetch: claimed, not yet started, in claim order
         self._unsettled = []  # --prefetch: outcomes to write with the next claim (or the next heartbeat)
         self._unsettled_lock = threading.RLock()
-        self._claim_error = None
         self._lanes = [_Lane(alarm=threads == 1)] if threads == 1 else [_Lane(alarm=False) for _ in range(threads)]
         self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
         self._idle_turn = threading.Condition()
@@ -3794,14 +3793,15 @@ class Worker:
             if not wanted:
                 self.stop("message limit of %d reached" % self.limit)
                 continue
-            if backoff:  # the last claim failed: it may have committed all the same, unseen
-                with contextlib.suppress(StorageError):
+            try:
+                if backoff:  # the last claim failed: it may have committed all the same, unseen
                     self._give_back_unseen(lane, unsettled)
-            claimed, token, due = self._settle_and_claim(unsettled, wanted)
-            self._give_back_slots(wanted - len(claimed or ()))
-            if claimed is None:
-                backoff = self._back_off(self._claim_error, backoff, started)
+                claimed, token, due = self._settle_and_claim(unsettled, wanted)
+            except StorageError as exc:
+                self._give_back_slots(wanted)
+                backoff = self._back_off(exc, backoff, started)
                 continue
+            self._give_back_slots(wanted - len(claimed))
             backoff = 0.0
             if claimed:
                 ready.extend(claimed)
@@ -3811,14 +3811,9 @@ class Worker:
                 self._idle(token, due, started)
 
     def _settle_and_claim(self, unsettled, wanted):
-        """Settle ``unsettled`` (emptied once written) and claim up to ``wanted``; claims None if it failed."""
+        """Settle ``unsettled`` (emptied once written) and claim up to ``wanted``: ``(claimed, token, due)``."""
         with self._unsettled_lock:
-            try:
-                claimed, settled, token, due = self.transport.claim_batch(self.queues, self.worker_id, unsettled,
-                                                                          wanted)
-            except StorageError as exc:
-                self._claim_error = exc
-                return None, None, None
+            claimed, settled, token, due = self.transport.claim_batch(self.queues, self.worker_id, unsettled, wanted)
             for outcome, ok in zip(unsettled, settled):
                 if not ok:
                     self._refused(outcome)
@@ -3826,11 +3821,15 @@ class Worker:
         return claimed, token, due
 
     def settle_held(self):
-        """``--prefetch``: write the outcomes held back while a handler runs long (from the heartbeat)."""
-        if self._unsettled and self._unsettled_lock.acquire(blocking=False):  # else the loop is writing them
+        """``--prefetch``: write the outcomes held back while a handler runs long (from the heartbeat).
+
+        Never waits for the loop, which writes them itself; a failure leaves them to its next claim.
+        """
+        if self._unsettled and self._unsettled_lock.acquire(blocking=False):
             try:
                 if self._unsettled:
-                    self._settle_and_claim(self._unsettled, 0)
+                    with contextlib.suppress(StorageError):
+                        self._settle_and_claim(self._unsettled, 0)
             finally:
                 self._unsettled_lock.release()
 

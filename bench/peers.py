@@ -109,8 +109,9 @@ def bare(directory, n, workers, record=True, wait=0.0):
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     started = time.perf_counter()
-    with open(os.path.join(directory, "bare.started"), "w") as f:
+    with open(os.path.join(directory, "bare.started.tmp"), "w") as f:
         f.write(repr(started))
+    os.replace(f.name, os.path.join(directory, "bare.started"))  # whole, as the watcher may read it at once
     procs = [ctx.Process(target=_bare_worker, args=(path, out, record, results, wait)) for _ in range(workers)]
     for p in procs:
         p.start()
