@@ -3,7 +3,8 @@
 import os
 
 
-def draw(directory, io, load, wake, drains):
+def draw(directory, io, loads, wake, drains):
+    """``loads``: (label suffix, latency_under_load result) at the same rate; ``drains``: name -> throughput."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,11 +31,12 @@ def draw(directory, io, load, wake, drains):
         paths.append(_save(fig, directory, "bench-concurrency.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    top = max(max(load["latencies_ms"]), 1.0)
+    top = max(max(max(load["latencies_ms"]) for _, load in loads), 1.0)
     bins = [x * top / 60 for x in range(61)]
-    ax.hist(load["latencies_ms"], bins=bins, alpha=0.7,
-            label="under load, %.0f msg/s (median %.2f ms, p99 %.2f ms)" % (load["rate"], load["median_ms"],
-                                                                           load["p99_ms"]))
+    for suffix, load in loads:
+        ax.hist(load["latencies_ms"], bins=bins, alpha=0.6,
+                label="under load%s, %.0f msg/s (median %.2f ms, p99 %.2f ms)" % (
+                    suffix, load["rate"], load["median_ms"], load["p99_ms"]))
     ax.hist(wake["latencies_ms"], bins=bins, alpha=0.7,
             label="idle worker woken (median %.2f ms)" % wake["median_ms"])
     ax.set_xlabel("ms from dispatch to handler start")
@@ -46,9 +48,11 @@ def draw(directory, io, load, wake, drains):
     paths.append(_save(fig, directory, "bench-latency.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
-    names = ["jobrunner", "bare loop", "huey"]
-    values = [drains["jobrunner"]["drain"], drains["bare"]["drain"], drains["huey"]["drain"]]
-    ax.barh(names[::-1], values[::-1], color=["#bbbbbb", "#888888", "#2a6fdb"])
+    names = [name for name in drains if name.startswith("jobrunner")] + ["bare", "huey"]
+    values = [drains[name]["drain"] for name in names]
+    names = [name.replace("bare", "bare loop") for name in names]
+    colors = ["#2a6fdb" if name.startswith("jobrunner") else "#999999" for name in names]
+    ax.barh(names[::-1], values[::-1], color=colors[::-1])
     for y, v in enumerate(values[::-1]):
         ax.text(v, y, " %.0f/s" % v, va="center", fontsize=8)
     ax.set_xlabel("messages/s, drain with 2 workers started cold (same handler work)")

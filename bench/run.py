@@ -246,8 +246,10 @@ def main():
     print("\nlatency under load (dispatch at %.0f/s, half the drain rate, 2 workers): median %.2f ms, p99 %.2f ms "
           "(targets 2 ms, 20 ms): %s" % (load["rate"], load["median_ms"], load["p99_ms"],
                                          verdict(load["median_ms"] <= 2 and load["p99_ms"] <= 20)), flush=True)
+    prefetched_loads = []
     for rate in (load_rate, prefetching["drain"] / 2):
         prefetched = concurrency.latency_under_load(Run, rate, 10, prefetch=PREFETCH)
+        prefetched_loads.append(prefetched)
         print("  with --prefetch %d, dispatch at %.0f/s: median %.2f ms, p99 %.2f ms: %s" % (
             PREFETCH, prefetched["rate"], prefetched["median_ms"], prefetched["p99_ms"],
             verdict(prefetched["median_ms"] <= 2 and prefetched["p99_ms"] <= 20)), flush=True)
@@ -286,7 +288,9 @@ def main():
     if args.plot:
         import charts
 
-        for path in charts.draw(args.plot, io, load, wake, {"jobrunner": ours, "huey": huey, "bare": bare}):
+        drains = {"jobrunner": ours, "jobrunner --prefetch %d" % PREFETCH: prefetching, "huey": huey, "bare": bare}
+        for path in charts.draw(args.plot, io, [("", load), (" --prefetch %d" % PREFETCH, prefetched_loads[0])],
+                                wake, drains):
             print("chart: %s" % path)
 
 
