@@ -3366,6 +3366,9 @@ class Worker:
     the process when a handler is stuck where Python cannot interrupt it.
     ``threads`` runs that many handlers at once, each in its own thread
     claiming its own messages (for handlers that wait on the network).
+    ``prefetch`` claims up to that many messages in one write and settles
+    their outcomes together with the next claim (for fast handlers; a kill
+    then costs up to that many duplicates).
     """
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
