@@ -658,6 +658,7 @@ _SQL = {
                       "AND delivered_at IS NOT NULL AND queue_name NOT IN ('failed', 'cancelled')",
     "purge_cancelled": "DELETE FROM {messages} WHERE queue_name = 'cancelled' AND delivered_at IS NULL",
     "queue_of": "SELECT queue_name FROM {messages} WHERE id = ?",
+    "cancelled_in": "SELECT id FROM {messages} WHERE queue_name = 'cancelled' AND id {in_ids}",
     "schedule_start": "INSERT INTO jobrunner_schedules (name, last_tick) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
     "schedule_advance": "UPDATE jobrunner_schedules SET last_tick = ? WHERE name = ? AND last_tick < ?",
     "schedule_last": "SELECT last_tick FROM jobrunner_schedules WHERE name = ?",
@@ -1274,6 +1275,12 @@ class Transport:
         """Whether this claimed message was cancelled while it ran."""
         rows = self._rows("queue_of", (message_id,), create=True)
         return bool(rows) and rows[0][0] == _CANCELLED_QUEUE
+
+    def cancelled_among(self, message_ids):
+        """Which of these claimed messages were cancelled (a prefetching worker's, before they start)."""
+        if not message_ids:
+            return set()
+        return {row[0] for row in self._rows("cancelled_in", (self._ids_param(message_ids),), create=True)}
 
     # Schedules: each periodic message once per tick, whatever the number of schedulers
 
@@ -3424,6 +3431,7 @@ class Worker:
         self._prefetched = collections.deque()  # --prefetch: claimed, not yet started, in claim order
         self._unsettled = []  # --prefetch: outcomes to write with the next claim (or the next heartbeat)
         self._unsettled_lock = threading.RLock()
+        self._cancelled_ahead = set()  # --prefetch: ids cancelled while they waited in a batch (seen by the heartbeat)
         self._lanes = [_Lane(alarm=threads == 1)] if threads == 1 else [_Lane(alarm=False) for _ in range(threads)]
         self._idle_lock = threading.Lock()  # threads: one idle lane waits for commits, the others for it
         self._idle_turn = threading.Condition()
@@ -3787,7 +3795,11 @@ class Worker:
             if self._stop_reason is not None:
                 return None
             if ready:
-                outcome = self._process(ready.popleft(), lane)
+                delivery = ready.popleft()
+                if delivery.id in self._cancelled_ahead:
+                    outcome = self._cancelled_before_start(delivery)
+                else:
+                    outcome = self._process(delivery, lane)
                 if outcome is not None:
                     with self._unsettled_lock:
                         unsettled.append(outcome)
@@ -3822,6 +3834,13 @@ class Worker:
                     self._refused(outcome)
             unsettled.clear()
         return claimed, token, due
+
+    def _cancelled_before_start(self, delivery):
+        """A prefetched message cancelled while it waited in its batch: it never runs, and is removed."""
+        self._cancelled_ahead.discard(delivery.id)
+        _log.warning("message %d was cancelled before it started", delivery.id,
+                     extra={"event": "cancelled", "message_id": delivery.id})
+        return _Outcome("ack", delivery)
 
     def settle_held(self):
         """``--prefetch``: write the outcomes held back while a handler runs long (from the heartbeat).
@@ -4340,6 +4359,9 @@ class _Heartbeat(threading.Thread):
         for message_id in running:
             if self.transport.is_cancelled(message_id):
                 worker.cancel_current(message_id)
+        waiting = list(worker._prefetched)  # one C-level copy: the loop pops from it meanwhile
+        if waiting:
+            worker._cancelled_ahead.update(self.transport.cancelled_among([delivery.id for delivery in waiting]))
         worker.settle_held()
         counts = worker.take_counts()
         if counts:

@@ -4,10 +4,11 @@ real signals, on SQLite and PostgreSQL."""
 
 import os
 import signal
+import time
 
 import pytest
 
-from conftest import wait_until, watch_stderr
+from conftest import wait_for_stderr, wait_until, watch_stderr
 from test_supervisor import alive, log_text, sups, wait_running  # noqa: F401 (sups is a fixture)
 from test_threads import running
 
@@ -87,3 +88,26 @@ def test_prefetch_out_of_range_or_with_threads_is_refused_in_one_line(project):
     (project.path / "w.ini").write_text("[program:w]\ncommand = consume async\nthreads = 4\nprefetch = 8\n")
     result = project.cli("supervise", "--config", "w.ini")
     assert result.returncode == 2 and "prefetch of program w" in result.stderr
+
+
+def test_a_message_cancelled_while_it_waits_in_a_batch_never_runs(project, app):
+    gate = project.path / "open"
+    first = app.dispatch("gate", {"n": 0, "path": str(gate)})
+    waiting = app.dispatch("slow", {"n": 1, "seconds": 0})
+    quick = project.dsn_with(heartbeat_interval=0.1)
+    worker = watch_stderr(project.start("consume", "slow", "--prefetch", 2, env={"JOBRUNNER_DSN": quick}))
+    try:
+        wait_until(lambda: len(project.handled("start")) == 1 and len(running(project)) == 2,
+                   message="the first handler to start with the second claimed behind it")
+        result = project.cli("cancel", waiting)
+        assert result.returncode == 0 and "cancelled: its worker stops it" in result.stdout, result.stderr
+        time.sleep(1.0)  # ten heartbeats: the worker learns it before the gate opens
+        gate.touch()
+        wait_for_stderr(worker, "message %d was cancelled before it started" % waiting)
+    finally:
+        gate.touch()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0
+    assert [value for value, _ in project.handled("start")] == ["0"]  # the cancelled one never ran
+    assert project.values() == ["0"]
+    assert project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)] and first == waiting - 1
