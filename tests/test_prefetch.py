@@ -52,8 +52,7 @@ def test_a_long_handler_does_not_hold_back_the_outcomes_of_its_batch(project, ap
     try:
         wait_until(lambda: len(project.handled("start")) == 2, message="the gate to start")
         # the first message's acknowledgement is written by the heartbeat while the second handler still runs
-        wait_until(lambda: project.query("SELECT id FROM messenger_messages") != [(done,), (done + 1,)]
-                   and project.query("SELECT id FROM messenger_messages") == [(done + 1,)], timeout=5,
+        wait_until(lambda: project.query("SELECT id FROM messenger_messages") == [(done + 1,)], timeout=5,
                    message="the first message acknowledged")
     finally:
         gate.touch()
@@ -92,7 +91,7 @@ def test_prefetch_out_of_range_or_with_threads_is_refused_in_one_line(project):
 
 def test_a_message_cancelled_while_it_waits_in_a_batch_never_runs(project, app):
     gate = project.path / "open"
-    first = app.dispatch("gate", {"n": 0, "path": str(gate)})
+    app.dispatch("gate", {"n": 0, "path": str(gate)})
     waiting = app.dispatch("slow", {"n": 1, "seconds": 0})
     quick = project.dsn_with(heartbeat_interval=0.1)
     worker = watch_stderr(project.start("consume", "slow", "--prefetch", 2, env={"JOBRUNNER_DSN": quick}))
@@ -110,4 +109,4 @@ def test_a_message_cancelled_while_it_waits_in_a_batch_never_runs(project, app):
         assert worker.wait(timeout=10) == 0
     assert [value for value, _ in project.handled("start")] == ["0"]  # the cancelled one never ran
     assert project.values() == ["0"]
-    assert project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)] and first == waiting - 1
+    assert project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)]
