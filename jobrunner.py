@@ -3925,7 +3925,7 @@ class Worker:
             _log.info("stopping: %s", self._stop_reason)
 
     def _finish(self, outcome):
-        """Settle the last outcome, write the last counts and leave the registry; never raises."""
+        """Settle the last outcomes, give back a batch never started, write the counts, leave; never raises."""
         with contextlib.suppress(JobRunnerError):
             counts = self.take_counts()
             if counts:
