@@ -3392,21 +3392,7 @@ class Worker:
         self.replay_filter = replay_filter
         self.ping_file = ping_file
         self.queues = [FAILED_QUEUE] if self.replay else app.check_queues(list(queues))
-        for option, value in (("limit", limit), ("failure_limit", failure_limit), ("memory_limit", memory_limit)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ConfigurationError("%s must be a whole number >= 0, not %r" % (option, value))
-        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= _MAX_THREADS:
-            raise ConfigurationError("threads must be a whole number from 1 to %d, not %r" % (_MAX_THREADS, threads))
-        if threads > 1 and self.replay:
-            raise ConfigurationError("consume failed replays one message at a time: it takes no --threads")
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 1 <= prefetch <= _MAX_PREFETCH:
-            raise ConfigurationError("prefetch must be a whole number from 1 to %d, not %r" % (_MAX_PREFETCH, prefetch))
-        if prefetch > 1 and (threads > 1 or self.replay):
-            raise ConfigurationError("--prefetch is for one handler at a time: threads claim together already, and "
-                                     "consume failed replays one message at a time")
-        for option, value in (("time_limit", time_limit), ("sleep", sleep)):
-            if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
-                raise ConfigurationError("%s must be a number of seconds >= 0, not %r" % (option, value))
+        self._check_numbers(limit, failure_limit, memory_limit, time_limit, sleep, threads, prefetch)
         self.app = app
         self.transport = app.transport
         self.limit, self.failure_limit, self.memory_limit, self.time_limit = limit, failure_limit, memory_limit, time_limit
@@ -3447,6 +3433,24 @@ class Worker:
         self._signals_installed = False
         self._signals_seen = 0
         self._stop_announced = False
+
+    def _check_numbers(self, limit, failure_limit, memory_limit, time_limit, sleep, threads, prefetch):
+        """Refuse limits, waits, threads and prefetch out of range or that do not go together, in one line."""
+        for option, value in (("limit", limit), ("failure_limit", failure_limit), ("memory_limit", memory_limit)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigurationError("%s must be a whole number >= 0, not %r" % (option, value))
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= _MAX_THREADS:
+            raise ConfigurationError("threads must be a whole number from 1 to %d, not %r" % (_MAX_THREADS, threads))
+        if threads > 1 and self.replay:
+            raise ConfigurationError("consume failed replays one message at a time: it takes no --threads")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 1 <= prefetch <= _MAX_PREFETCH:
+            raise ConfigurationError("prefetch must be a whole number from 1 to %d, not %r" % (_MAX_PREFETCH, prefetch))
+        if prefetch > 1 and (threads > 1 or self.replay):
+            raise ConfigurationError("--prefetch is for one handler at a time: threads claim together already, and "
+                                     "consume failed replays one message at a time")
+        for option, value in (("time_limit", time_limit), ("sleep", sleep)):
+            if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
+                raise ConfigurationError("%s must be a number of seconds >= 0, not %r" % (option, value))
 
     def __repr__(self):
         return "<Worker %s queues=%s id=%s>" % (self.name, ",".join(self.queues), self.worker_id)
@@ -3841,6 +3845,12 @@ class Worker:
         _log.warning("message %d was cancelled before it started", delivery.id,
                      extra={"event": "cancelled", "message_id": delivery.id})
         return _Outcome("ack", delivery)
+
+    def look_for_cancels_ahead(self):
+        """``--prefetch``: note which messages of the batch were cancelled before they started (from the heartbeat)."""
+        waiting = list(self._prefetched)  # one C-level copy: the loop pops from it meanwhile
+        if waiting:
+            self._cancelled_ahead.update(self.transport.cancelled_among([delivery.id for delivery in waiting]))
 
     def settle_held(self):
         """``--prefetch``: write the outcomes held back while a handler runs long (from the heartbeat).
@@ -4359,9 +4369,7 @@ class _Heartbeat(threading.Thread):
         for message_id in running:
             if self.transport.is_cancelled(message_id):
                 worker.cancel_current(message_id)
-        waiting = list(worker._prefetched)  # one C-level copy: the loop pops from it meanwhile
-        if waiting:
-            worker._cancelled_ahead.update(self.transport.cancelled_among([delivery.id for delivery in waiting]))
+        worker.look_for_cancels_ahead()
         worker.settle_held()
         counts = worker.take_counts()
         if counts:
