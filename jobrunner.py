@@ -3375,7 +3375,9 @@ class Worker:
     claiming its own messages (for handlers that wait on the network).
     ``prefetch`` claims up to that many messages in one write and settles
     their outcomes together with the next claim (for fast handlers; a kill
-    then costs up to that many duplicates).
+    then costs up to that many duplicates).  With ``threads`` it is how many
+    claimed messages wait for a free thread, kept topped up by the main
+    thread, so that no thread waits for a claim.
     """
 
     def __init__(self, app, queues, *, limit=None, failure_limit=None, memory_limit=None, time_limit=None, sleep=1.0,
@@ -3415,6 +3417,8 @@ class Worker:
         self.threads = threads
         self.prefetch = prefetch
         self._prefetched = collections.deque()  # --prefetch: claimed, not yet started, in claim order
+        self._buffer_changed = threading.Condition()  # threads with --prefetch: a message in, or an outcome out
+        self._refiller_idle = False  # threads with --prefetch: the main thread waits for a commit
         self._unsettled = []  # --prefetch: outcomes to write with the next claim (or the next heartbeat)
         self._unsettled_lock = threading.RLock()
         self._cancelled_ahead = set()  # --prefetch: ids cancelled while they waited in a batch (seen by the heartbeat)
@@ -3445,9 +3449,8 @@ class Worker:
             raise ConfigurationError("consume failed replays one message at a time: it takes no --threads")
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 1 <= prefetch <= _MAX_PREFETCH:
             raise ConfigurationError("prefetch must be a whole number from 1 to %d, not %r" % (_MAX_PREFETCH, prefetch))
-        if prefetch > 1 and (threads > 1 or self.replay):
-            raise ConfigurationError("--prefetch is for one handler at a time: threads claim together already, and "
-                                     "consume failed replays one message at a time")
+        if prefetch > 1 and self.replay:
+            raise ConfigurationError("consume failed replays one message at a time: it takes no --prefetch")
         for option, value in (("time_limit", time_limit), ("sleep", sleep)):
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
                 raise ConfigurationError("%s must be a number of seconds >= 0, not %r" % (option, value))
@@ -3580,6 +3583,10 @@ class Worker:
             lane = self._lanes[0]
             if self.threads > 1:  # the threads are abandoned mid-handler: all they hold goes back, attempts given back
                 self._forced = True
+                with self._unsettled_lock:  # what they finished is written first
+                    finished, self._unsettled = self._unsettled, []
+                self._settle_last(finished)
+                self._prefetched.clear()
                 with contextlib.suppress(JobRunnerError):
                     self.transport.release_own(self.worker_id)
             elif lane.interrupted is not None:  # not its fault: the attempt is given back
@@ -3626,18 +3633,27 @@ class Worker:
     def _loop(self, started):
         if self.replay:
             return self._replay_loop(started)
+        if self.threads > 1:
+            return self._run_lanes(started)
         if self.prefetch > 1:
             return self._prefetch_loop(self._lanes[0], started)
-        if self.threads == 1:
-            return self._lane_loop(self._lanes[0], started)
-        return self._run_lanes(started)
+        return self._lane_loop(self._lanes[0], started)
 
     def _run_lanes(self, started):
-        """Run each lane in a thread of its own; this (main) thread only waits, so that signals land here."""
+        """Run each lane in a thread of its own; this (main) thread fills their buffer, or only waits.
+
+        Signals land in the main thread, between its statements.
+        """
         threads = [threading.Thread(target=self._lane_thread, args=(lane, started), name="jobrunner-lane-%d" % i,
                                     daemon=True) for i, lane in enumerate(self._lanes)]
         for thread in threads:
             thread.start()
+        if self.prefetch > 1:
+            try:
+                self._refill_loop(started)
+            finally:
+                with self._buffer_changed:
+                    self._buffer_changed.notify_all()
         for thread in threads:
             while thread.is_alive():
                 thread.join(1.0)
@@ -3646,7 +3662,7 @@ class Worker:
     def _lane_thread(self, lane, started):
         outcome = None
         try:
-            outcome = self._lane_loop(lane, started)
+            outcome = (self._buffered_lane_loop if self.prefetch > 1 else self._lane_loop)(lane, started)
         except BaseException as exc:  # a bug of ours: the worker stops, and says so
             _log.critical("handler thread crashed: %s", _format_exception(exc).rstrip())
             self.stop("a handler thread crashed: %s" % _error_class(exc), exit_code=1)
@@ -3716,12 +3732,14 @@ class Worker:
     def _give_back_unseen(self, lane, outcomes):
         """Release what this worker claimed and no thread holds: claims a lost connection never answered.
 
-        ``outcomes``: what this lane has still to settle, whose claims it keeps.
-        With threads, under the claim lock: a claim another thread has just
-        made is then held already, not taken for an unseen one.
+        ``outcomes``: what this lane (None: the worker) has still to settle,
+        whose claims it keeps, as it keeps those waiting in its buffer.  With
+        threads, under the claim lock: a claim another thread has just made
+        is then held already, not taken for an unseen one.
         """
-        with self._claim_lock or contextlib.nullcontext():
-            keep = self._held_elsewhere(lane) + [outcome.delivery.id for outcome in outcomes if outcome is not None]
+        with self._claim_lock or contextlib.nullcontext(), self._counts_lock:  # a lane takes from the buffer under it
+            keep = (self._held_elsewhere(lane) + [outcome.delivery.id for outcome in outcomes if outcome is not None]
+                    + [delivery.id for delivery in self._prefetched])
             released = self.transport.release_own(self.worker_id, keep)
         if released:
             _log.warning("gave back %d message(s) claimed while the connection was lost", released)
@@ -3857,6 +3875,8 @@ class Worker:
 
         Never waits for the loop, which writes them itself; a failure leaves them to its next claim.
         """
+        if self.threads > 1:
+            return  # the main thread writes them with its next claim
         if self._unsettled and self._unsettled_lock.acquire(blocking=False):
             try:
                 if self._unsettled:
@@ -3864,6 +3884,102 @@ class Worker:
                         self._settle_and_claim(self._unsettled, 0)
             finally:
                 self._unsettled_lock.release()
+
+    def _buffered_lane_loop(self, lane, started):
+        """Threads with ``prefetch``: run messages from the worker's buffer, which the main thread keeps filled.
+
+        A lane never waits for a claim while the buffer holds a message; its
+        outcome is written with the main thread's next claim.
+        """
+        lane.thread_id = threading.get_ident()
+        while True:
+            reason = self._limit_reached(started)  # counts the messages started, not those waiting
+            if reason:
+                self.stop(reason)
+            if self._stop_reason is not None:
+                return None
+            delivery = self._take_from_buffer(lane)
+            if delivery is None:
+                with self._buffer_changed:
+                    self._buffer_changed.wait_for(lambda: self._prefetched or self._stop_reason is not None, 1.0)
+                continue
+            if delivery.id in self._cancelled_ahead:
+                outcome = self._cancelled_before_start(delivery)
+            else:
+                outcome = self._process(delivery, lane)
+            with self._unsettled_lock:
+                if outcome is not None:
+                    self._unsettled.append(outcome)
+                lane.holding = None  # the outcome holds it now
+            with self._buffer_changed:
+                self._buffer_changed.notify_all()
+            if self._refiller_idle:
+                self._waiter.wake()
+
+    def _take_from_buffer(self, lane):
+        """The next message of the buffer, counted as started and held by ``lane``; None if none (or the limit)."""
+        with self._counts_lock:
+            if not self._prefetched or (self.limit is not None and self.processed >= self.limit):
+                return None
+            delivery = self._prefetched.popleft()
+            self.processed += 1
+            lane.holding = delivery.id
+            return delivery
+
+    def _refill_loop(self, started):
+        """Threads with ``prefetch`` (the main thread): keep up to ``prefetch`` claimed messages waiting.
+
+        Each claim writes the outcomes the threads finished since the last
+        one, in the same transaction.
+        """
+        backoff = 0.0
+        while self._stop_reason is None:
+            with self._counts_lock:
+                wanted = self.prefetch - len(self._prefetched)
+                if self.limit is not None:
+                    wanted = min(wanted, self.limit - self.processed - len(self._prefetched))
+            if wanted <= 0 and not self._unsettled:
+                with self._buffer_changed:  # wakes within 0.25 s for a stop, as a signal cannot notify
+                    self._buffer_changed.wait_for(lambda: len(self._prefetched) < self.prefetch or self._unsettled, 0.25)
+                continue
+            try:
+                if backoff:  # the last claim failed: it may have committed all the same, unseen
+                    self._give_back_unseen(None, self._unsettled)
+                claimed, token, due = self._settle_swapped(max(0, wanted))
+            except StorageError as exc:
+                backoff = self._back_off(exc, backoff, started)
+                continue
+            backoff = 0.0
+            if claimed:
+                with self._buffer_changed:
+                    self._prefetched.extend(claimed)
+                    self._buffer_changed.notify_all()
+            elif wanted <= 0:
+                continue
+            elif self.until_empty and not self._prefetched:
+                self.stop("no message is ready")
+            else:
+                self._refiller_idle = True
+                try:
+                    if not self._unsettled:  # a lane that finishes meanwhile wakes it
+                        self._idle(token, due, started)
+                finally:
+                    self._refiller_idle = False
+
+    def _settle_swapped(self, wanted):
+        """:meth:`_settle_and_claim` for threads, which keep adding outcomes while the claim runs."""
+        with self._unsettled_lock:
+            batch, self._unsettled = self._unsettled, []
+        try:
+            claimed, settled, token, due = self.transport.claim_batch(self.queues, self.worker_id, batch, wanted)
+        except BaseException:
+            with self._unsettled_lock:  # written by the next claim
+                self._unsettled[:0] = batch
+            raise
+        for outcome, ok in zip(batch, settled):
+            if not ok:
+                self._refused(outcome)
+        return claimed, token, due
 
     def _replay_loop(self, started):
         # A replay killed on this host left its message claimed: give it back now, not at the first reap,
@@ -3942,7 +4058,8 @@ class Worker:
                 self.transport.add_counts(counts)
         # prefetched and never started: back on the queue, their attempt given back
         unstarted = [_Outcome("release", delivery) for delivery in self._prefetched]
-        self._give_back_slots(len(unstarted))
+        if self.threads == 1:  # threads count a message when it starts
+            self._give_back_slots(len(unstarted))
         self._settle_last(self._unsettled + [outcome] + unstarted)
         self._prefetched.clear()
         self._unsettled.clear()
@@ -4631,9 +4748,9 @@ class ProgramConfig:
         if self.threads > _MAX_THREADS:
             raise ConfigurationError("threads of program %s must be at most %d, not %d"
                                      % (self.name, _MAX_THREADS, self.threads))
-        if self.prefetch > _MAX_PREFETCH or (self.prefetch > 1 and self.threads > 1):
-            raise ConfigurationError("prefetch of program %s must be at most %d, and goes with threads = 1 (threads "
-                                     "claim together already), not %d" % (self.name, _MAX_PREFETCH, self.prefetch))
+        if self.prefetch > _MAX_PREFETCH:
+            raise ConfigurationError("prefetch of program %s must be at most %d, not %d"
+                                     % (self.name, _MAX_PREFETCH, self.prefetch))
         for key in ("limit", "failure_limit", "memory_limit", "time_limit"):
             if getattr(self, key) == 0:
                 raise ConfigurationError("program %s: --%s 0 would restart its workers in a loop"
@@ -5683,7 +5800,8 @@ _LIMITS = (
                  "the network; CPU-bound handlers want more processes instead)."),
     _option("--prefetch", type="positive_count", default=1, show_default=True,
             help="Messages a worker claims at once, then runs in order and settles together: one write per batch for "
-                 "fast handlers; a killed worker runs up to this many again."),
+                 "fast handlers; a killed worker runs up to this many again. With --threads: claimed messages kept "
+                 "waiting for a free thread."),
     _option("--heartbeat-timeout", type="positive",
             help="Seconds of silence after which a worker counts as dead and its message is released."),
     _VERBOSITY,

@@ -62,8 +62,8 @@ def _tree_rss(root):
     return total
 
 
-def jobrunner_io(run_class, n, processes, threads):
-    """``supervise --numprocs P --threads T`` draining n messages whose handler waits 10 ms."""
+def jobrunner_io(run_class, n, processes, threads, prefetch=1):
+    """``supervise --numprocs P --threads T [--prefetch N]`` draining n messages whose handler waits 10 ms."""
     run = run_class("io")
     jobs = run.app()
     jobs.setup()
@@ -71,7 +71,7 @@ def jobrunner_io(run_class, n, processes, threads):
     jobs.transport.close()
     started = time.perf_counter()
     sup = subprocess.Popen([sys.executable, "-m", "jobrunner", "supervise", "io",
-                            "--numprocs", str(processes), "--threads", str(threads), "--no-scheduler",
+                            "--numprocs", str(processes), "--threads", str(threads), "--prefetch", str(prefetch), "--no-scheduler",
                             "--log-dir", os.path.join(run.dir, "log")],
                            env=run.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -298,6 +298,8 @@ def main():
 IO_CONTENDERS = [
     ("jobrunner, processes", lambda n, c: concurrency.jobrunner_io(Run, n, c, 1)),
     ("jobrunner, threads", lambda n, c: concurrency.jobrunner_io(Run, n, max(1, c // 16), c // max(1, c // 16))),
+    ("jobrunner, threads --prefetch %d" % PREFETCH,
+     lambda n, c: concurrency.jobrunner_io(Run, n, max(1, c // 16), c // max(1, c // 16), PREFETCH)),
     ("huey, processes", lambda n, c: concurrency.huey_io(Run, n, c, "process")),
     ("huey, threads", lambda n, c: concurrency.huey_io(Run, n, c, "thread")),
     ("bare loop, processes", lambda n, c: concurrency.bare_io(Run, n, c)),

@@ -44,6 +44,29 @@ def test_a_prefetching_worker_holds_a_batch_and_gives_back_what_it_never_started
     assert queued(project) == [(0, 0)] * 4
 
 
+def test_threads_with_prefetch_run_each_message_once_and_keep_the_limit_exact(project, app):
+    app.dispatch_many("note", [{"n": i} for i in range(60)])
+    result = project.cli("consume", "async", "--threads", 4, "--prefetch", 8, "--limit", 40)
+    assert result.returncode == 0, result.stderr
+    assert "stopped: message limit of 40 reached (40 messages" in result.stderr
+    assert sorted(int(value) for value, _ in project.handled()) == list(range(40))  # each once, in any order
+    assert queued(project) == [(0, 0)] * 20  # never claimed beyond the limit
+
+
+def test_threads_keep_a_buffer_claimed_ahead_and_a_stop_gives_it_back(project, app):
+    gate = project.path / "open"
+    app.dispatch_many("gate", [{"n": i, "path": str(gate)} for i in range(6)])
+    worker = watch_stderr(project.start("consume", "slow", "--threads", 2, "--prefetch", 3))
+    wait_until(lambda: len(project.handled("start")) == 2 and len(running(project)) == 5,
+               message="two handlers running and three messages waiting for them")
+    worker.send_signal(signal.SIGTERM)
+    gate.touch()
+    assert worker.wait(timeout=10) == 0
+    assert sorted(project.values()) == ["0", "1"]
+    # the three it held for its threads are back with their attempt given back, like the one it never claimed
+    assert queued(project) == [(0, 0)] * 4
+
+
 def test_a_long_handler_does_not_hold_back_the_outcomes_of_its_batch(project, app):
     gate = project.path / "open"
     done = app.dispatch("slow", {"n": 0, "seconds": 0})
@@ -61,10 +84,11 @@ def test_a_long_handler_does_not_hold_back_the_outcomes_of_its_batch(project, ap
     assert project.query("SELECT COUNT(*) FROM messenger_messages") == [(0,)]
 
 
-def test_a_killed_prefetching_worker_has_its_whole_batch_back_at_the_normal_release(project, app, sups):
+@pytest.mark.parametrize("options", [("--prefetch", 4), ("--threads", 2, "--prefetch", 2)], ids=["alone", "threads"])
+def test_a_killed_prefetching_worker_has_its_whole_batch_back_at_the_normal_release(project, app, sups, options):
     gate = project.path / "open"
     app.dispatch_many("gate", [{"n": i, "path": str(gate)} for i in range(4)])
-    sups.start("slow", "--prefetch", 4)
+    sups.start("slow", *options)
     victim = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
     wait_until(lambda: len(running(project)) == 4, message="four messages claimed by one worker")
     os.kill(victim, signal.SIGKILL)
@@ -79,12 +103,12 @@ def test_a_killed_prefetching_worker_has_its_whole_batch_back_at_the_normal_rele
     assert not alive(victim)
 
 
-def test_prefetch_out_of_range_or_with_threads_is_refused_in_one_line(project):
-    for args in (["--prefetch", 0], ["--prefetch", 1001], ["--prefetch", 4, "--threads", 2]):
-        result = project.cli("consume", "async", *args)
+def test_prefetch_out_of_range_or_with_consume_failed_is_refused_in_one_line(project):
+    for args in (["async", "--prefetch", 0], ["async", "--prefetch", 1001], ["failed", "--prefetch", 2]):
+        result = project.cli("consume", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "prefetch" in result.stderr
-    (project.path / "w.ini").write_text("[program:w]\ncommand = consume async\nthreads = 4\nprefetch = 8\n")
+    (project.path / "w.ini").write_text("[program:w]\ncommand = consume async\nthreads = 4\nprefetch = 1001\n")
     result = project.cli("supervise", "--config", "w.ini")
     assert result.returncode == 2 and "prefetch of program w" in result.stderr
 

@@ -76,14 +76,15 @@ def check_all_handled(project, count, kills, per_kill=1):
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("prefetch", [1, 8])
-def test_workers_killed_at_random_lose_nothing(project, prefetch):
+@pytest.mark.parametrize("threads, prefetch", [(1, 1), (1, 8), (4, 8)])
+def test_workers_killed_at_random_lose_nothing(project, threads, prefetch):
     # 3 workers x 3 ms handlers: the drain takes ~4 s whatever the CPU; the 12 kills take ~3 s of it.
-    # With --prefetch a kill can cost a batch: what the worker had handled and not yet settled runs again.
-    count, planned = 4000, 12
+    # With --prefetch a kill can cost a batch: what the worker had handled and not yet settled runs again; with
+    # threads too, what its threads ran since its last claim: at most what the buffer held and what they held then.
+    count, planned = 4000 * threads, 12
     fill(project, count)
-    supervisor = project.start("supervise", "async", "--numprocs", "3", "--prefetch", str(prefetch),
-                               "--log-dir", "var/log", env=RELIAPP)
+    supervisor = project.start("supervise", "async", "--numprocs", "3", "--threads", str(threads),
+                               "--prefetch", str(prefetch), "--log-dir", "var/log", env=RELIAPP)
     kills = 0
     rng = random.Random(1)
     started = time.monotonic()
@@ -101,11 +102,13 @@ def test_workers_killed_at_random_lose_nothing(project, prefetch):
                 os.kill(rng.choice(victims).pid, signal.SIGKILL)
                 kills += 1
         wait_until(lambda: queue_counts(project)[0] == 0, timeout=15, message="an empty queue")
-        duplicates = check_all_handled(project, count, kills, per_kill=prefetch)
+        duplicates = check_all_handled(project, count, kills, per_kill=prefetch + (threads if threads > 1 else 0))
         assert kills >= planned // 2, "the drain ended after %d kills: too fast to be a test" % kills
+        options = "".join(" --%s %d" % (name, value) for name, value in (("threads", threads), ("prefetch", prefetch))
+                          if value > 1)
         report("[%s] random SIGKILLs of 3 supervised workers%s: %d messages, %d kills, lost 0, failed 0, "
-               "%d duplicates, %.1fs" % (project.backend, " with --prefetch %d" % prefetch if prefetch > 1 else "",
-                                         count, kills, duplicates, time.monotonic() - started))
+               "%d duplicates, %.1fs" % (project.backend, options and " with" + options, count, kills, duplicates,
+                                         time.monotonic() - started))
     finally:
         kill_tree(supervisor)
 
