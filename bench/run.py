@@ -313,7 +313,7 @@ def io_sweep(levels):
         return results
     print("\nI/O-bound handlers (each waits 10 ms): fraction of the ideal C/10ms, cold (from start) / steady "
           "(5-95 %%), peak RSS of the process tree")
-    print("  %-22s" % "concurrent handlers" + "".join("%22d" % c for c in levels))
+    print("  %-32s" % "concurrent handlers" + "".join("%22d" % c for c in levels))
     for label, how in IO_CONTENDERS:
         cells = []
         for c in levels:
@@ -323,14 +323,15 @@ def io_sweep(levels):
             cells.append("%5.2f / %4.2f %6.0fM" % (rates["cold"] / ideal, rates["steady"] / ideal,
                                                    rates["rss"] / 2 ** 20) if rates["rss"] else
                          "%5.2f / %4.2f        " % (rates["cold"] / ideal, rates["steady"] / ideal))
-        print("  %-22s" % label + "".join("%22s" % cell for cell in cells), flush=True)
+        print("  %-32s" % label + "".join("%22s" % cell for cell in cells), flush=True)
     top = max(levels)
-    threads = results["jobrunner, threads"][top]
-    print("%d concurrent handlers on threads (%d processes): %.2f of ideal steady, %.2f cold, tree RSS %.0f MB "
-          "(targets 0.9, 300 MB): %s" % (top, max(1, top // 16), threads["steady"] / threads["ideal"],
-                                        threads["cold"] / threads["ideal"], threads["rss"] / 2 ** 20,
-                                        verdict(threads["steady"] / threads["ideal"] >= 0.9
-                                                and threads["rss"] < 300 * 2 ** 20)))
+    for label in ("jobrunner, threads", "jobrunner, threads --prefetch %d" % PREFETCH):
+        threads = results[label][top]
+        print("%d concurrent handlers, %s (%d processes): %.2f of ideal steady, %.2f cold, tree RSS %.0f MB "
+              "(targets 0.9, 300 MB): %s" % (top, label[len("jobrunner, "):], max(1, top // 16),
+                                            threads["steady"] / threads["ideal"], threads["cold"] / threads["ideal"],
+                                            threads["rss"] / 2 ** 20, verdict(threads["steady"] / threads["ideal"] >= 0.9
+                                                                              and threads["rss"] < 300 * 2 ** 20)))
     return results
 
 
