@@ -3934,13 +3934,10 @@ class Worker:
         """
         backoff = 0.0
         while self._stop_reason is None:
-            with self._counts_lock:
-                wanted = self.prefetch - len(self._prefetched)
-                if self.limit is not None:
-                    wanted = min(wanted, self.limit - self.processed - len(self._prefetched))
+            wanted = self._wanted_ahead()
             if wanted <= 0 and not self._unsettled:
                 with self._buffer_changed:  # wakes within 0.25 s for a stop, as a signal cannot notify
-                    self._buffer_changed.wait_for(lambda: len(self._prefetched) < self.prefetch or self._unsettled, 0.25)
+                    self._buffer_changed.wait_for(lambda: self._wanted_ahead() > 0 or self._unsettled, 0.25)
                 continue
             try:
                 if backoff:  # the last claim failed: it may have committed all the same, unseen
@@ -3965,6 +3962,14 @@ class Worker:
                         self._idle(token, due, started)
                 finally:
                     self._refiller_idle = False
+
+    def _wanted_ahead(self):
+        """How many more messages the buffer wants: up to ``prefetch`` waiting, never past ``limit``."""
+        with self._counts_lock:
+            wanted = self.prefetch - len(self._prefetched)
+            if self.limit is not None:
+                wanted = min(wanted, self.limit - self.processed - len(self._prefetched))
+            return wanted
 
     def _settle_swapped(self, wanted):
         """:meth:`_settle_and_claim` for threads, which keep adding outcomes while the claim runs."""

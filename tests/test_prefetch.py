@@ -67,6 +67,25 @@ def test_threads_keep_a_buffer_claimed_ahead_and_a_stop_gives_it_back(project, a
     assert queued(project) == [(0, 0)] * 4
 
 
+def test_threads_with_their_limit_claimed_wait_without_spinning(project, app):
+    import psutil
+
+    gate = project.path / "open"
+    app.dispatch_many("gate", [{"n": i, "path": str(gate)} for i in range(6)])
+    worker = watch_stderr(project.start("consume", "slow", "--threads", 2, "--prefetch", 4, "--limit", 2))
+    try:
+        wait_until(lambda: len(project.handled("start")) == 2, message="both handlers to start")
+        process = psutil.Process(worker.pid)
+        before = sum(process.cpu_times()[:2])
+        time.sleep(1.0)  # both handlers wait for the gate; nothing more may be claimed
+        assert sum(process.cpu_times()[:2]) - before < 0.2
+        assert len(running(project)) == 2
+    finally:
+        gate.touch()
+    assert worker.wait(timeout=10) == 0
+    assert sorted(project.values()) == ["0", "1"]
+
+
 def test_a_long_handler_does_not_hold_back_the_outcomes_of_its_batch(project, app):
     gate = project.path / "open"
     done = app.dispatch("slow", {"n": 0, "seconds": 0})
