@@ -617,11 +617,14 @@ _SQL = {
     # claims a worker never saw: committed while its connection was lost before the answer came back
     "release_own": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, attempts = attempts - 1 "
                    "WHERE claimed_by = ? AND delivered_at IS NOT NULL AND NOT (id {in_ids})",
-    "any_unowned": "SELECT 1 FROM {messages} WHERE delivered_at IS NOT NULL AND delivered_at < ? "
-                   "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
+    # Claims with no worker: another tool's (no claimed_by), after redeliver_timeout as Symfony does; a forgotten
+    # worker's at once. On PostgreSQL a claim sent by a worker killed mid-statement still commits after its death,
+    # so after the release of its claims: it would wait for redeliver_timeout otherwise.
+    "any_unowned": "SELECT 1 FROM {messages} WHERE delivered_at IS NOT NULL AND (claimed_by IS NULL AND delivered_at < ? "
+                   "OR claimed_by NOT IN (SELECT id FROM jobrunner_workers)) LIMIT 1",
     "release_unowned": "UPDATE {messages} SET delivered_at = NULL, claimed_by = NULL, available_at = ? "
-                       "WHERE delivered_at IS NOT NULL AND delivered_at < ? "
-                       "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM jobrunner_workers))",
+                       "WHERE delivered_at IS NOT NULL AND (claimed_by IS NULL AND delivered_at < ? "
+                       "OR claimed_by NOT IN (SELECT id FROM jobrunner_workers))",
     "stats_waiting": "SELECT queue_name, SUM(CASE WHEN available_at <= ? THEN 1 ELSE 0 END), "
                      "SUM(CASE WHEN available_at > ? THEN 1 ELSE 0 END), MIN(available_at) "
                      "FROM {messages} WHERE delivered_at IS NULL GROUP BY queue_name",
@@ -1198,9 +1201,9 @@ class Transport:
         """Release the claims of dead workers and forget them; return how many messages went back.
 
         ``seen`` maps worker ids to the beat count that showed them silent; a
-        worker that beat since (the count moved) is spared.  Claims with no
-        known worker, older than ``redeliver_timeout`` (written by another
-        tool), are released too.
+        worker that beat since (the count moved) is spared.  Claims of a
+        worker no longer registered are released too, and claims of no
+        worker (written by another tool) once older than ``redeliver_timeout``.
         """
         now = time.time()
         with self.transaction() as conn:
@@ -1224,7 +1227,7 @@ class Transport:
             raise self._error(exc) from None
 
     def has_unowned_claims(self):
-        """Whether some claim has no known worker and is older than ``redeliver_timeout``."""
+        """Whether some claim's worker is no longer registered, or another tool's is older than ``redeliver_timeout``."""
         return bool(self._rows("any_unowned", (time.time() - self.settings.redeliver_timeout,), create=True))
 
     def _release_claims(self, conn, worker_ids):

@@ -78,6 +78,22 @@ def q(jobs, sql, *params):
         return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), params).fetchall()]
 
 
+def write(jobs, sql, *params):
+    """One statement that changes the database of ``jobs``, committed, through a connection of the test's own."""
+    if not getattr(jobs, "test_schema", None):
+        conn = sqlite3.connect(str(jobs.settings.path), isolation_level=None)
+        try:
+            conn.execute(sql, params)
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute("SET search_path TO %s" % jobs.test_schema)
+        conn.execute(sql.replace("?", "%s"), params)
+
+
 # --- the table --------------------------------------------------------------------
 
 
@@ -840,3 +856,28 @@ def test_a_batch_claim_settles_each_outcome_fenced_then_claims_across_queues(job
                      "ORDER BY id")
     assert stored == [(notes[1], "async", None, 1, 0), (notes[2], "failed", None, 1, 0),
                       (mails[0], "mail", 7, 1, 1), (mails[1], "mail", 7, 1, 1)]
+
+
+@pytest.mark.backends
+def test_a_claim_of_a_forgotten_worker_goes_back_at_once_and_another_tools_after_redeliver_timeout(jobs):
+    # On PostgreSQL a claim sent by a worker killed mid-statement commits after its death, so after the release of
+    # its claims and the removal of its row: nothing but this release would give it back before redeliver_timeout.
+    for i in range(3):
+        jobs.dispatch("note", {"n": i})
+    transport = jobs.transport
+    gone = transport.register_worker("w", "h", ["async"], time.time())
+    live = transport.register_worker("w", "h", ["async"], time.time())
+    transport.unregister_worker(gone)  # as the supervisor does when it reaps it
+    late = transport.claim(["async"], gone)[0].id  # ... its last claim still committing
+    alive = transport.claim(["async"], live)[0].id
+    other_tool = transport.claim(["async"], live)[0].id
+    write(jobs, "UPDATE messenger_messages SET claimed_by = NULL WHERE id = ?", other_tool)  # Symfony's: no claimed_by
+    assert transport.has_unowned_claims()
+    assert transport.release_workers({}) == ([], 1)
+    assert q(jobs, "SELECT id, claimed_by FROM messenger_messages WHERE delivered_at IS NOT NULL ORDER BY id") == [
+        (alive, live), (other_tool, None)]
+    assert not transport.has_unowned_claims()
+    write(jobs, "UPDATE messenger_messages SET delivered_at = ? WHERE id = ?", time.time() - 3601, other_tool)
+    assert transport.has_unowned_claims()
+    assert transport.release_workers({}) == ([], 1)
+    assert q(jobs, "SELECT id FROM messenger_messages WHERE delivered_at IS NULL ORDER BY id") == [(late,), (other_tool,)]
