@@ -60,6 +60,8 @@ def test_threads_keep_a_buffer_claimed_ahead_and_a_stop_gives_it_back(project, a
     wait_until(lambda: len(project.handled("start")) == 2 and len(running(project)) == 5,
                message="two handlers running and three messages waiting for them")
     worker.send_signal(signal.SIGTERM)
+    # the main thread takes the signal while the threads run on: open the gate once it has
+    wait_for_stderr(worker, "received SIGTERM: finishing message")
     gate.touch()
     assert worker.wait(timeout=10) == 0
     assert sorted(project.values()) == ["0", "1"]
