@@ -141,12 +141,12 @@ def bare_io(run_class, n, workers):
         run.close()
 
 
-def latency_under_load(run_class, rate, seconds, workers=2, prefetch=1, threads=1):
+def latency_under_load(run_class, rate, seconds, workers=2, prefetch=1):
     """Dispatch at ``rate`` messages/s for ``seconds`` to ``workers`` workers; ms from dispatch to handler start."""
     run = run_class("load")
     jobs = run.app()
     jobs.setup()
-    procs = run.start_workers(workers, "latency", prefetch=prefetch, threads=threads)
+    procs = run.start_workers(workers, "latency", prefetch=prefetch)
     time.sleep(1.5)  # started and idle
     interval = 1.0 / rate
     count = int(rate * seconds)

@@ -70,9 +70,8 @@ class Run:
         return dict(os.environ, JOBRUNNER_DSN=self.db, JOBRUNNER_APP="bench_app", BENCH_OUT=self.out,
                     PYTHONPATH=os.pathsep.join([ROOT, HERE]))
 
-    def start_workers(self, count, *queues, prefetch=1, threads=1):
-        return [subprocess.Popen(WORKER + ["consume", *(queues or ["async"]), "--prefetch", str(prefetch),
-                                           "--threads", str(threads)],
+    def start_workers(self, count, *queues, prefetch=1):
+        return [subprocess.Popen(WORKER + ["consume", *(queues or ["async"]), "--prefetch", str(prefetch)],
                                  env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
 
     def app(self):
