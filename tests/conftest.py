@@ -298,7 +298,9 @@ class Project:
         if self.out.exists():
             for f in self.out.iterdir():
                 if f.name.isdigit():
-                    for line in f.read_text().splitlines():
+                    text = f.read_text()
+                    # only whole lines: a write the reader meets halfway (across a page) shows its first part
+                    for line in text[:text.rfind("\n") + 1].splitlines():
                         k, value = line.split(" ")[:2]
                         if k == kind:
                             lines.append((value, int(f.name)))
