@@ -39,7 +39,7 @@ def draw(directory, io, loads, wake, drains):
                     suffix, load["rate"], load["median_ms"], load["p99_ms"]))
     ax.hist(wake["latencies_ms"], bins=bins, alpha=0.7,
             label="idle worker woken (median %.2f ms)" % wake["median_ms"])
-    ax.set_xlabel("ms from dispatch to handler start")
+    ax.set_xlabel("ms from dispatch returning to handler start")
     ax.set_ylabel("messages")
     ax.set_yscale("log")
     ax.set_title("Latency on SQLite, 2 workers")
