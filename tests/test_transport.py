@@ -756,7 +756,8 @@ def test_eager_mode_runs_the_handler_inside_dispatch_and_raises_its_error(tmp_pa
 
 
 def test_run_pending_drains_in_process_with_the_real_retry_rules(tmp_path):
-    with JobRunner(str(tmp_path / "jobs.db"), max_retries=2, delay=0.05, jitter=0) as jobs:
+    # the retry delay is the margin for "not due yet" against a stalled machine: 50 ms failed once under load
+    with JobRunner(str(tmp_path / "jobs.db"), max_retries=2, delay=0.5, jitter=0) as jobs:
         done, attempts = [], []
 
         @jobs.handler
@@ -774,9 +775,9 @@ def test_run_pending_drains_in_process_with_the_real_retry_rules(tmp_path):
         assert jobs.run_pending() == 4  # three successes and a failed attempt; its retry is not due yet
         assert done == [0, 1, 2] and attempts == [1]
         assert jobs.run_pending() == 0
-        time.sleep(0.06)
+        time.sleep(0.51)
         assert jobs.run_pending(queues=["async"], limit=5) == 1 and attempts == [1, 1]
-        time.sleep(0.11)
+        time.sleep(1.01)
         assert jobs.run_pending() == 1 and attempts == [1, 1, 1]
         assert jobs.stats()["queues"][0]["ready"] == 0 and jobs.failed() == []
 
