@@ -4,7 +4,6 @@ Huey's and the bare loop's, and the latency of a message under a steady load.
 Used by run.py (``--io``, and ``--plot`` for the charts); each function returns plain figures.
 """
 
-import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -180,15 +179,19 @@ def latency_under_load(run_class, rate, seconds, workers=2, prefetch=1):
 def _latency_starts(path, count, timeout=60):
     """When each message's handler started (time.time()), by message number, once all have."""
     deadline = time.monotonic() + timeout
-    while True:
-        with open(path) if os.path.exists(path) else contextlib.nullcontext(None) as f:
-            lines = f.read().splitlines(keepends=True) if f else []
-        complete = [line.split() for line in lines if line.endswith("\n")]
-        if len(complete) >= count or time.monotonic() > deadline:
-            break
+    while len(whole_lines(path)) < count and time.monotonic() < deadline:
         time.sleep(0.01)
-    started = {int(n): float(at) for n, at in complete}
+    started = {int(n): float(at) for n, at in (line.split() for line in whole_lines(path))}
     missing = [i for i in range(count) if i not in started]
     if missing:
         raise RuntimeError("latency: %d of %d messages never handled" % (len(missing), count))
     return started
+
+
+def whole_lines(path):
+    """The lines handlers wrote to ``path`` so far, without one still being written."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    return text[:text.rfind("\n") + 1].splitlines()

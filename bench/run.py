@@ -159,20 +159,13 @@ def wake_up(samples):
         jobs.dispatch("latency", {"n": i, "sent_at": time.time()})
         returned.append(time.time())
         deadline = time.monotonic() + 5
-        while _lines(path) <= i and time.monotonic() < deadline:
+        while len(concurrency.whole_lines(path)) <= i and time.monotonic() < deadline:
             time.sleep(0.0005)
     started = concurrency._latency_starts(path, samples)
     run.close([proc])
     latencies = sorted(max(0.0, started[i] - returned[i]) for i in range(samples))
     return {"median_ms": statistics.median(latencies) * 1000, "p95_ms": latencies[int(len(latencies) * 0.95)] * 1000,
             "idle_cpu_pct": idle_cpu * 100, "latencies_ms": [x * 1000 for x in latencies]}
-
-
-def _lines(path):
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return f.read().count(b"\n")
 
 
 def claim_cost(queue_size, sample):
