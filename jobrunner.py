@@ -3214,6 +3214,7 @@ _TRACEBACK_LIMIT = 20000
 _STUCK_GRACE_S = 5.0  # past its timeout, a handler Python could not interrupt gets this long before the worker exits
 _MAX_THREADS = 256  # handler threads per worker process
 _MAX_PREFETCH = 1000  # messages a worker claims at once with --prefetch
+_REFILL_WAIT = 0.02  # threads with --prefetch: longest a finished message's outcome waits for the next claim
 
 
 _LOG_FORMATS = ("text", "json")
@@ -3991,11 +3992,9 @@ class Worker:
         """
         backoff = 0.0
         while self._stop_reason is None:
-            wanted = self._wanted_ahead()
-            if wanted <= 0 and not self._unsettled:
-                with self._buffer_changed:  # wakes within 0.25 s for a stop, as a signal cannot notify
-                    self._buffer_changed.wait_for(lambda: self._wanted_ahead() > 0 or self._unsettled, 0.25)
+            if not self._wait_for_refill():
                 continue
+            wanted = self._wanted_ahead()
             try:
                 if backoff:  # the last claim failed: it may have committed all the same, unseen
                     self._give_back_unseen(None, self._unsettled)
@@ -4019,6 +4018,37 @@ class Worker:
                         self._idle(token, due, started)
                 finally:
                     self._refiller_idle = False
+
+    def _wait_for_refill(self):
+        """Wait until a claim is due, or has had something to do for ``_REFILL_WAIT``; False at a stop."""
+        since = None
+        with self._buffer_changed:
+            while not self._refill_due():
+                if self._stop_reason is not None:
+                    return False
+                now = time.monotonic()
+                if not (self._unsettled or self._wanted_ahead() > 0):
+                    since = None
+                elif since is None:
+                    since = now
+                elif now - since >= _REFILL_WAIT:
+                    return True
+                # wakes within 0.25 s for a stop, as a signal cannot notify
+                self._buffer_changed.wait(0.25 if since is None else since + _REFILL_WAIT - now)
+        return True
+
+    def _refill_due(self):
+        """Whether to claim now: half the buffer is gone, the claim reaches ``limit``, or a thread's worth of outcomes wait.
+
+        Fewer claims of more messages each, as every claim may wait for SQLite's
+        write lock behind the other workers' (4 x 16 threads went from 0.86 to
+        0.96 of the ideal rate, claiming 8 at a time rather than 3).  Outcomes
+        wait at most ``_REFILL_WAIT`` for a claim all the same.
+        """
+        with self._counts_lock:
+            room = self.prefetch - len(self._prefetched)
+            wanted = room if self.limit is None else min(room, self.limit - self.processed - len(self._prefetched))
+        return (wanted > 0 and (2 * room >= self.prefetch or wanted < room)) or len(self._unsettled) >= self.threads
 
     def _wanted_ahead(self):
         """How many more messages the buffer wants: up to ``prefetch`` waiting, never past ``limit``."""

@@ -88,6 +88,26 @@ def test_threads_with_their_limit_claimed_wait_without_spinning(project, app):
     assert sorted(project.values()) == ["0", "1"]
 
 
+def test_threads_settle_an_outcome_at_once_while_their_buffer_is_more_than_half_full(project, app):
+    gate = project.path / "open"
+    app.dispatch_many("gate", [{"n": i, "path": str(gate)} for i in range(3)])
+    first = app.dispatch_many("slow", [{"n": 10 + i, "seconds": 0.5} for i in range(20)])[0]
+    # the heartbeat, which also writes outcomes, does not beat during this test
+    slow_beats = {"JOBRUNNER_DSN": project.dsn_with(heartbeat_interval=5, heartbeat_timeout=30)}
+    worker = watch_stderr(project.start("consume", "slow", "--threads", 4, "--prefetch", 16, env=slow_beats))
+    try:
+        # three threads wait at the gate, one runs the slow messages: the buffer stays more than half full, and one
+        # outcome is fewer than a thread's worth; it is written within _REFILL_WAIT all the same, not seconds later
+        wait_until(lambda: project.values() == ["10"], timeout=10, message="the first slow message to finish")
+        wait_until(lambda: project.query("SELECT COUNT(*) FROM messenger_messages WHERE id = ?", first) == [(0,)],
+                   timeout=1.0, message="its acknowledgement written before the next message finishes")
+        assert len(project.values()) == 1
+    finally:
+        gate.touch()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0
+
+
 def test_a_long_handler_does_not_hold_back_the_outcomes_of_its_batch(project, app):
     gate = project.path / "open"
     done = app.dispatch("slow", {"n": 0, "seconds": 0})
