@@ -4023,19 +4023,17 @@ class Worker:
         """Wait until a claim is due, or has had something to do for ``_REFILL_WAIT``; False at a stop."""
         since = None
         with self._buffer_changed:
-            while not self._refill_due():
-                if self._stop_reason is not None:
-                    return False
+            while self._stop_reason is None and not self._refill_due():
                 now = time.monotonic()
                 if not (self._unsettled or self._wanted_ahead() > 0):
                     since = None
                 elif since is None:
                     since = now
                 elif now - since >= _REFILL_WAIT:
-                    return True
+                    break
                 # wakes within 0.25 s for a stop, as a signal cannot notify
                 self._buffer_changed.wait(0.25 if since is None else since + _REFILL_WAIT - now)
-        return True
+        return self._stop_reason is None
 
     def _refill_due(self):
         """Whether to claim now: half the buffer is gone, the claim reaches ``limit``, or a thread's worth of outcomes wait.
