@@ -1966,13 +1966,13 @@ class _CommitWaiter:
                 return
 
     def _watch_wal(self):
-        import ctypes
-
         wal = self.transport.path + "-wal"
         if self._watching == wal:
             return self._inotify
         if self._watching is False or not sys.platform.startswith("linux"):
             return None
+        import ctypes
+
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -2470,8 +2470,6 @@ class RetryStrategy:
 
     def wait(self, retry):
         """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
-        import random
-
         try:
             seconds = self.delay * self.multiplier ** max(0, retry - 1)
         except OverflowError:
@@ -2480,6 +2478,8 @@ class RetryStrategy:
             seconds = min(seconds, self.max_delay)
         seconds = min(seconds, 365 * 86400.0)
         if self.jitter:
+            import random
+
             seconds *= 1 + random.uniform(-self.jitter, self.jitter)
             if self.max_delay is not None:
                 seconds = min(seconds, self.max_delay)
@@ -4043,18 +4043,19 @@ class Worker:
         0.96 of the ideal rate, claiming 8 at a time rather than 3).  Outcomes
         wait at most ``_REFILL_WAIT`` for a claim all the same.
         """
-        with self._counts_lock:
-            room = self.prefetch - len(self._prefetched)
-            wanted = room if self.limit is None else min(room, self.limit - self.processed - len(self._prefetched))
+        room, wanted = self._room_ahead()
         return (wanted > 0 and (2 * room >= self.prefetch or wanted < room)) or len(self._unsettled) >= self.threads
 
     def _wanted_ahead(self):
         """How many more messages the buffer wants: up to ``prefetch`` waiting, never past ``limit``."""
+        return self._room_ahead()[1]
+
+    def _room_ahead(self):
+        """``(room, wanted)``: free places in the buffer, and how many of them ``limit`` lets a claim fill."""
         with self._counts_lock:
-            wanted = self.prefetch - len(self._prefetched)
-            if self.limit is not None:
-                wanted = min(wanted, self.limit - self.processed - len(self._prefetched))
-            return wanted
+            room = self.prefetch - len(self._prefetched)
+            wanted = room if self.limit is None else min(room, self.limit - self.processed - len(self._prefetched))
+            return room, wanted
 
     def _settle_swapped(self, wanted):
         """:meth:`_settle_and_claim` for threads, which keep adding outcomes while the claim runs."""
