@@ -4517,6 +4517,7 @@ class _Heartbeat(threading.Thread):
         self._identity = self.transport.identity()
         self._judge = _SilenceJudge(self.transport.settings.heartbeat_timeout)
         self._stuck_reported = False
+        self._orphaned_at = None  # monotonic time the supervisor was found gone
 
     def stop(self):
         self._stopped.set()
@@ -4543,7 +4544,7 @@ class _Heartbeat(threading.Thread):
             now = time.monotonic()
             self.worker._announce_stop()
             self._check_stuck_handler(now)
-            self._check_parent()
+            self._check_parent(now)
             if not self._check_database():
                 return
             try:
@@ -4638,17 +4639,16 @@ class _Heartbeat(threading.Thread):
         logging.shutdown()
         os._exit(70)
 
-    def _check_parent(self):
+    def _check_parent(self, now):
+        """An orphan finishes its message within its stop timeout, beating meanwhile so that no one takes it."""
         parent = self.worker.parent_pid
-        if parent and os.getppid() != parent:
+        if not parent or os.getppid() == parent:
+            return
+        if self._orphaned_at is None:
+            self._orphaned_at = now
             self.worker.stop("the supervisor (pid %d) is gone" % parent)
-            self._exit_if_stuck(self.worker.stop_timeout)
-
-    def _exit_if_stuck(self, grace):
-        deadline = time.monotonic() + grace
-        while self.worker._busy() is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self.worker._busy() is not None and self.worker.owns_process:
+        grace = self.worker.stop_timeout
+        if now - self._orphaned_at >= grace and self.worker._busy() is not None and self.worker.owns_process:
             _log.error("still busy %gs after the supervisor died; exiting, the message will be delivered again", grace)
             logging.shutdown()
             os._exit(1)
@@ -4880,6 +4880,8 @@ class _RotatingLog:
 
     def write(self, data):
         """Append ``data``; rotate first whenever the file would pass max_bytes, splitting at line ends."""
+        if self.fd is None:
+            self._open()  # a rotation failed (its directory removed?): try again with each write
         while self.max_bytes and self.size + len(data) > self.max_bytes:
             room = self.max_bytes - self.size
             cut = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
@@ -4900,15 +4902,17 @@ class _RotatingLog:
             self.size += written
 
     def rotate(self):
-        os.close(self.fd)
-        if self.backups:
-            for i in range(self.backups - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace("%s.%d" % (self.path, i), "%s.%d" % (self.path, i + 1))
-            os.replace(self.path, self.path + ".1")
-        else:
-            os.truncate(self.path, 0)
-        self._open()
+        self.close()  # never keep a closed fd's number: another pipe or file may get it next
+        try:
+            if self.backups:
+                for i in range(self.backups - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace("%s.%d" % (self.path, i), "%s.%d" % (self.path, i + 1))
+                os.replace(self.path, self.path + ".1")
+            else:
+                os.truncate(self.path, 0)
+        finally:
+            self._open()
 
     def close(self):
         if self.fd is not None:
@@ -4991,6 +4995,7 @@ class _Process:
         self.restart_requested = False
         self.last_beats = None  # the worker's beat count last seen by the supervisor
         self.log = None
+        self.log_failing = False
         self.tail = collections.deque(maxlen=_TAIL_LINES)
         self.retired = False  # a reloaded config no longer has it
 
@@ -5024,7 +5029,10 @@ class _Process:
         code = os.waitstatus_to_exitcode(status)
         self.exit_status, self.pid, self.kill_at = code, None, None
         how = "exit status %d" % code if code >= 0 else "killed by %s" % signal.Signals(-code).name
-        if self.state == self.STOPPING or stopping:
+        if self.state == self.STOPPING and self.restart_requested and not stopping:
+            self.backoff = 0
+            self.change(self.EXITED, "restarted (%s)" % how, quiet=True)
+        elif self.state == self.STOPPING or stopping:
             self.change(self.STOPPED, "stopped (%s)" % how, quiet=True)
         elif not self.ready:
             self.backoff += 1
@@ -5357,8 +5365,11 @@ class Supervisor:
             pipe.proc.tail.extend(data.decode("utf-8", "replace").splitlines()[-_TAIL_LINES:])
             try:
                 pipe.proc.log.write(data)
-            except OSError as exc:
-                self._log.error("cannot write %s.log: %s", pipe.proc.name, exc)
+                pipe.proc.log_failing = False
+            except (OSError, JobRunnerError) as exc:
+                if not pipe.proc.log_failing:  # once, not once a line
+                    self._log.error("cannot write %s.log: %s", pipe.proc.name, exc)
+                pipe.proc.log_failing = True
             if not final:
                 return
 
@@ -5507,11 +5518,15 @@ class Supervisor:
         if self.config_path and not self._reload_config():
             return
         self._log.info("received SIGHUP: restarting all workers gracefully")
+        now = time.monotonic()
         for proc in self.processes:
             if proc.retired:
                 continue
             if proc.pid is not None and proc.state in (_Process.STARTING, _Process.RUNNING):
+                # stopped like any other stop, once: a worker takes a second SIGTERM as "abort the message"
                 proc.restart_requested = True
+                proc.change(_Process.STOPPING, "restarting")
+                proc.kill_at = now + proc.program.stopwaitsecs
                 self._signal(proc, signal.SIGTERM)
             elif proc.state in (_Process.BACKOFF, _Process.FATAL, _Process.EXITED):
                 proc.backoff = 0
@@ -5520,6 +5535,7 @@ class Supervisor:
 
     def _reload_config(self):
         """Read the config file again and apply what changed; False (and nothing changed) when it is invalid."""
+        added = []
         try:
             programs, section = _read_config(self.config_path)
             _check_programs(programs)
@@ -5528,33 +5544,43 @@ class Supervisor:
                 raise ConfigurationError("it names another database; restart the supervisor to change that")
             for program in programs:
                 program.queues = program.queues or list(app_queues)
+            current = {proc.name for proc in self.processes}
+            for program in programs:
+                for index in range(program.numprocs):
+                    if "%s_%02d" % (program.name, index) not in current:
+                        added.append(_Process(program, index, self._state_changed))
+                        self._open_log(added[-1])
             self._acquire_locks(programs)
         except (JobRunnerError, OSError) as exc:
+            for proc in added:
+                if proc.log is not None:
+                    proc.log.close()
             self._log.error("SIGHUP: %s: %s; keeping the running configuration", self.config_path,
                             " ".join(str(exc).split()))
             return False
+        self._apply_programs(programs, added)
+        self._log.info("SIGHUP: %s reloaded: %s", self.config_path,
+                       ", ".join("%s x%d [%s]" % (p.name, p.numprocs, " ".join(p.queues)) for p in programs))
+        return True
+
+    def _apply_programs(self, programs, added):
         wanted = {p.name: p for p in programs}
-        current = {proc.name: proc for proc in self.processes}
         for proc in self.processes:
             if proc.program.kind == "scheduler":
                 continue  # not in the config file: the supervisor's own
             program = wanted.get(proc.program.name)
             if program is None or int(proc.name.rsplit("_", 1)[1]) >= program.numprocs:
                 proc.retired = True  # stopped now, removed once it is gone
-            else:
-                proc.program = program
-        for program in programs:
-            for index in range(program.numprocs):
-                if "%s_%02d" % (program.name, index) not in current:
-                    proc = _Process(program, index, self._state_changed)
-                    self._open_log(proc)
-                    self.processes.append(proc)
+                continue
+            if proc.retired:  # wanted again before it was gone: it starts again once it has stopped
+                proc.retired, proc.restart_requested = False, True
+            proc.program = program
+            if isinstance(proc.log, _RotatingLog):
+                proc.log.max_bytes, proc.log.backups = program.log_max_bytes, program.log_backups
+        self.processes.extend(added)
         for name in [name for name in self._locks if name not in wanted and name != "scheduler"]:
             self._locks.pop(name).release()
         self.programs = programs
-        self._log.info("SIGHUP: %s reloaded: %s", self.config_path,
-                       ", ".join("%s x%d [%s]" % (p.name, p.numprocs, " ".join(p.queues)) for p in programs))
-        return True
 
     def _start_scheduler(self, now):
         """Run the app's schedule here, if no other supervisor does (its lock says); else look again later."""
@@ -5575,11 +5601,16 @@ class Supervisor:
                                _SCHEDULER_RETRY_S)
                 self._told_scheduler_elsewhere = True
             return
-        self._locks["scheduler"] = lock
         program = ProgramConfig("scheduler", [], startretries=self.programs[0].startretries, kind="scheduler",
                                 log_format=self.log_format)
         proc = _Process(program, 0, self._state_changed)
-        self._open_log(proc)
+        try:
+            self._open_log(proc)
+        except JobRunnerError as exc:
+            self._log.error("cannot run the schedule: %s", exc)
+            lock.release()
+            return
+        self._locks["scheduler"] = lock
         self.processes.append(proc)
         self._log.info("running the schedule: %s", ", ".join(self._app_schedules))
 

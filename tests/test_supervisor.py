@@ -563,6 +563,38 @@ def test_sighup_restarts_every_worker_gracefully(project, sups):
     assert health(project).returncode == 0
 
 
+@pytest.mark.parametrize("second", ["SIGHUP", "SIGTERM"])
+def test_a_signal_during_a_graceful_restart_does_not_abort_the_message(project, sups, second):
+    sup = sups.start("slow", "--stopwaitsecs", 20, *QUICK)
+    pid = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
+    dispatch(project, "slow", n=1, seconds=2)
+    first_start(project)
+    sup.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    sup.send_signal(getattr(signal, second))  # the worker is already stopping: it must not be told twice
+    wait_until(lambda: project.handled("note"), timeout=10, message="the message to finish")
+    assert project.handled("start") == [("1", pid)] and project.handled("note") == [("1", pid)]
+    if second == "SIGTERM":
+        assert sup.wait(timeout=10) == 0
+    else:
+        wait_running(project, sups, ["slow_00"], exclude=[pid])
+    log = log_text(project, "slow_00.log")
+    assert "twice" not in log and "stopped in the middle" not in log, log
+
+
+def test_an_orphaned_worker_beats_while_it_finishes_so_no_other_worker_takes_its_message(project, sups):
+    sup = sups.start("slow", "--heartbeat-timeout", 3, "--stopwaitsecs", 20, *QUICK)
+    pid = wait_running(project, sups, ["slow_00"])["slow_00"]["pid"]
+    dispatch(project, "slow", n=1, seconds=7)
+    first_start(project)
+    sup.kill()
+    sup.wait()
+    project.start("consume", "slow", "--heartbeat-timeout", 3)  # would release a silent worker's claim after 3 s
+    wait_until(lambda: not alive(pid), timeout=15, message="the orphan to finish and exit")
+    assert project.handled("note") == [("1", pid)]
+    assert project.handled("start") == [("1", pid)]  # once: the orphan held its claim to the end
+
+
 def test_a_second_supervisor_for_the_same_program_refuses_to_start(project, sups):
     first = sups.start("async", *QUICK)
     pid = wait_running(project, sups, ["async_00"])["async_00"]["pid"]
@@ -640,6 +672,31 @@ def test_worker_logs_rotate_at_the_configured_size_keeping_whole_lines(project, 
     assert re.findall(r"report r line (\d{3})", kept) == ["%03d" % i for i in range(20)]
     assert re.search(r"VERBOSE message %d handled by note in [\d.]+ ms \(attempt 1\)\n\Z" % last,
                      (logs / "async_00.log").read_text())
+
+
+def test_a_log_directory_removed_under_rotation_costs_lines_not_the_supervisor(project, sups, app):
+    import shutil
+
+    env = {"JOBRUNNER_APP": "supapp"}
+    sup = sups.start("async", "--numprocs", 2, "--log-max-bytes", 1000, "--log-backups", 1, *QUICK, env=env)
+    old = wait_running(project, sups, ["async_00", "async_01"])
+    logs = project.path / "log"
+    shutil.rmtree(logs)
+    for n in range(4):  # each report passes the 1000 bytes: every rotation fails
+        dispatch(project, "report", n=n, _env=env)
+    wait_until(lambda: len(project.handled("note")) == 4, message="four reports")
+    logs.mkdir(mode=0o700)
+    dispatch(project, "report", n="back", _env=env)
+    wait_until(lambda: any("report back line 019" in log_text(project, name) for name in ("async_00.log", "async_01.log")),
+               timeout=5, message="the log written again once its directory is back")
+    sup.send_signal(signal.SIGHUP)  # new pipes, new fds: none may be closed by a log that failed
+    wait_running(project, sups, ["async_00", "async_01"], exclude=[p["pid"] for p in old.values()])
+    app.dispatch_many("note", [{"n": i} for i in range(10)])
+    wait_until(lambda: len(project.handled("note")) == 15, message="ten more messages")
+    assert sup.poll() is None
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=10) == 0
+    assert "Traceback" not in sups.output(sup) + log_text(project, "supervisor.log")
 
 
 def test_log_rotation_defaults_are_10mb_and_3_backups(project, sups):
@@ -1026,6 +1083,46 @@ def test_sighup_rereads_the_config_file_and_applies_what_changed(project, sups):
     assert "unknown setting 'numprocz'" in log_text(project, "supervisor.log")
     after = wait_running(project, sups, ["mail_00", "mail_01", "reports_00"])
     assert {n: p["pid"] for n, p in after.items()} == pids  # not even restarted
+
+
+def test_sighup_brings_back_a_worker_removed_and_wanted_again_before_it_had_stopped(project, sups):
+    config = project.path / "w.ini"
+    config.write_text("[program:slow]\ncommand = consume slow\nnumprocs = 2\nstopwaitsecs = 30\n")
+    sup = sups.start("--config", "w.ini")
+    first = wait_running(project, sups, ["slow_00", "slow_01"])
+    dispatch(project, "slow", n=1, seconds=3)
+    dispatch(project, "slow", n=2, seconds=3)
+    wait_until(lambda: len(project.handled("start")) == 2, message="both workers busy")
+    config.write_text("[program:slow]\ncommand = consume slow\nnumprocs = 1\nstopwaitsecs = 30\n")
+    sup.send_signal(signal.SIGHUP)
+    wait_until(lambda: "slow x1" in log_text(project, "supervisor.log"), timeout=5)
+    config.write_text("[program:slow]\ncommand = consume slow\nnumprocs = 2\nstopwaitsecs = 30\n")
+    sup.send_signal(signal.SIGHUP)  # slow_01 is still finishing its message
+    wait_running(project, sups, ["slow_00", "slow_01"], exclude=[p["pid"] for p in first.values()], timeout=15)
+    assert sorted(project.values()) == ["1", "2"]  # each finished its message: stopped once, not twice
+
+
+def test_sighup_applies_new_log_sizes_and_refuses_a_config_whose_new_log_cannot_be_opened(project, sups):
+    config = project.path / "w.ini"
+    config.write_text("[program:a]\ncommand = consume async\n")
+    sup = sups.start("--config", "w.ini", env={"JOBRUNNER_APP": "supapp"})
+    old = wait_running(project, sups, ["a_00"])["a_00"]["pid"]
+    config.write_text("[program:a]\ncommand = consume async\nstdout_logfile_maxbytes = 1KB\nstdout_logfile_backups = 1\n")
+    sup.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded: a x1" in log_text(project, "supervisor.log"), timeout=5)
+    pid = wait_running(project, sups, ["a_00"], exclude=[old])["a_00"]["pid"]  # a reload restarts every worker
+    dispatch(project, "report", n="r", lines=40, _env={"JOBRUNNER_APP": "supapp"})  # 3.2 KB of output
+    wait_until(lambda: project.handled("note"), message="the report")
+    wait_until(lambda: "line 039" in log_text(project, "a_00.log"), timeout=5)
+    assert os.path.getsize(project.path / "log" / "a_00.log") <= 1024
+    assert os.path.getsize(project.path / "log" / "a_00.log.1") <= 1024
+    (project.path / "log" / "b_00.log").symlink_to(project.path / "elsewhere")
+    config.write_text("[program:a]\ncommand = consume async\n\n[program:b]\ncommand = consume high\n")
+    sup.send_signal(signal.SIGHUP)
+    wait_until(lambda: "keeping the running configuration" in log_text(project, "supervisor.log"), timeout=5)
+    assert "b_00.log is a symbolic link" in log_text(project, "supervisor.log")
+    assert wait_running(project, sups, ["a_00"])["a_00"]["pid"] == pid and sup.poll() is None
+    assert not (project.path / "elsewhere").exists()
 
 
 def test_log_dir_dash_sends_every_line_to_stdout_prefixed_with_its_process(project, sups, app):
