@@ -4829,6 +4829,9 @@ class ProgramConfig:
             raise ConfigurationError("program %s: directory %s does not exist" % (self.name, self.directory))
         for queue in self.queues:
             _check_queue_name(queue)
+        if FAILED_QUEUE in self.queues:
+            raise ConfigurationError("program %s: consume %s stops after one pass, so a supervisor would restart it "
+                                     "in a loop; run it by hand or from cron" % (self.name, FAILED_QUEUE))
         if self.autorestart not in _AUTORESTART:
             raise ConfigurationError("autorestart must be true, false or unexpected, not %r" % (self.autorestart,))
         for key in ("numprocs", "threads", "prefetch", "startretries", "log_backups", "log_max_bytes"):
@@ -5320,7 +5323,8 @@ class Supervisor:
                     with contextlib.suppress(OSError):
                         os.unlink(self.ping_file)
                 return 0
-            if self.processes and all(p.state == _Process.FATAL for p in self.processes):
+            workers = [p for p in self.processes if p.program.kind != "scheduler"]  # the schedule alone runs no job
+            if workers and all(p.state == _Process.FATAL for p in workers):
                 self._log.error("every process is FATAL: exiting so that systemd or the container runtime takes over")
                 return 1
             self._wait(self._next_timeout(now))
@@ -6411,6 +6415,12 @@ def _cmd_failed_remove(ids, all_, force, handlers, errors, queues, since, until,
 # The supervisor and its processes
 
 
+# what a [program:NAME] sets for itself: given to `supervise --config` on the command line, it would be lost
+_PER_PROGRAM_OPTIONS = {"name", "numprocs", "autorestart", "startsecs", "startretries", "stopwaitsecs", "log_max_bytes",
+                        "log_backups", "limit", "failure_limit", "memory_limit", "time_limit", "sleep", "threads",
+                        "prefetch", "verbosity"}
+
+
 @_command("supervise", _argument("queues", nargs=-1),
           _option("--config", "-c", "config_path", type="file",
                   help="A supervisord-style INI file with [program:NAME] sections."),
@@ -6452,13 +6462,19 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
 
     spec = _find_app_spec(app_spec)
     if config_path:
+        ctx = click.get_current_context()
+        given = {key for key in ctx.params if ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE}
         if queues:
             raise click.UsageError("give queues or --config, not both")
+        per_program = sorted(max(p.opts, key=len) for p in ctx.command.params if p.name in given & _PER_PROGRAM_OPTIONS)
+        if per_program:
+            raise click.UsageError("with --config, set %s in each [program:NAME] (its keys, or options of its "
+                                   "command)" % ", ".join(per_program))
         programs, section = _read_config(config_path)
         spec = app_spec or section.get("app") or spec
         dsn = dsn or section.get("dsn")
-        log_dir = section.get("log_dir", log_dir) if log_dir == "var/log" else log_dir
-        log_format = section.get("log_format", log_format)
+        log_dir = log_dir if "log_dir" in given else section.get("log_dir", log_dir)
+        log_format = log_format if "log_format" in given else section.get("log_format", log_format)
         supervisor_log_max_bytes = section.get("logfile_maxbytes", supervisor_log_max_bytes)
         supervisor_log_backups = section.get("logfile_backups", supervisor_log_backups)
         scheduler = section.get("scheduler", scheduler)
@@ -6554,7 +6570,8 @@ def _ping_health(pattern, max_age, as_json):
 def _parse_environment(text):
     """supervisord's ``KEY="value",KEY2='value 2',KEY3=value3`` as a dict."""
     pairs, rest = {}, text.strip()
-    pattern = re.compile(r"""\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*("(?:[^"\\]|\\.)*"|'[^']*'|[^,]*?)\s*(?:,|$)""")
+    # a value is quoted whole or not quoted at all: `A="x` and `A="1" junk` are refused, not half read
+    pattern = re.compile(r"""\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*("(?:[^"\\]|\\.)*"|'[^']*'|(?:[^,"'][^,]*?)?)\s*(?:,|$)""")
     while rest:
         match = pattern.match(rest)
         if not match or not match.group(0):
@@ -6589,9 +6606,14 @@ def _boolean(text):
     return text.lower() in ("true", "yes", "1", "on")
 
 
+def _autorestart(text):
+    """supervisord's spellings: any case, and yes/no, on/off, 1/0 for true/false."""
+    return "unexpected" if text.lower() == "unexpected" else str(_boolean(text)).lower()
+
+
 _SUPERVISE_KEYS = {"app": str, "dsn": str, "log_dir": str, "log_format": _log_format, "logfile_maxbytes": _parse_size,
                    "logfile_backups": int, "scheduler": _boolean, "ping_file": str}
-_PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": str, "startsecs": float, "startretries": int,
+_PROGRAM_KEYS = {"command": None, "numprocs": int, "autorestart": _autorestart, "startsecs": float, "startretries": int,
                  "stopwaitsecs": float, "log_max_bytes": _parse_size, "stdout_logfile_maxbytes": _parse_size,
                  "log_backups": int, "stdout_logfile_backups": int, "environment": _parse_environment,
                  "directory": _existing_directory, "threads": int, "prefetch": int}
@@ -6600,14 +6622,19 @@ _PROGRAM_ALIASES = {"stdout_logfile_maxbytes": "log_max_bytes", "stdout_logfile_
 _IGNORED_SUPERVISORD_KEYS = {"process_name", "user", "autostart", "redirect_stderr", "stdout_logfile",
                              "stderr_logfile", "stderr_logfile_maxbytes", "stderr_logfile_backups", "priority",
                              "exitcodes", "stopsignal", "stopasgroup", "killasgroup", "umask"}
+_IGNORED_SUPERVISORD_SECTION_KEYS = {"nodaemon", "logfile", "pidfile", "loglevel", "user", "childlogdir", "minfds",
+                                     "minprocs", "umask", "identifier", "directory", "nocleanup", "strip_ansi",
+                                     "silent"}
+# sections of a whole supervisord.conf that only supervisord and supervisorctl read
+_IGNORED_SUPERVISORD_SECTIONS = ("unix_http_server", "inet_http_server", "supervisorctl", "rpcinterface:")
 
 
 def _read_config(path):
     """Programs from a supervisord-style INI file; ``command`` holds the consume arguments."""
     import configparser
 
-    # `key = value ; a comment`, as supervisord reads it (a ';' right after a character stays in the value)
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";",))
+    # `key = value ; a comment` or `# a comment`, as supervisord reads them (either right after a character stays)
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
     try:
         with open(path) as f:
             parser.read_file(f)
@@ -6617,6 +6644,9 @@ def _read_config(path):
     for name in ("supervise", "supervisord"):
         if parser.has_section(name):
             for key, value in parser[name].items():
+                if key in _IGNORED_SUPERVISORD_SECTION_KEYS and key not in _SUPERVISE_KEYS:
+                    _echo("jobrunner: [%s] %s is not used by jobrunner; ignored" % (name, key), err=True)
+                    continue
                 if key not in _SUPERVISE_KEYS:
                     raise ConfigurationError("%s: unknown setting %r in [%s] (known: %s)"
                                              % (path, key, name, ", ".join(sorted(_SUPERVISE_KEYS))))
@@ -6625,7 +6655,9 @@ def _read_config(path):
                 except ValueError:
                     raise ConfigurationError("[%s]: %s = %r is not valid" % (name, key, value)) from None
     for name in parser.sections():
-        if name not in ("supervise", "supervisord") and not name.startswith("program:"):
+        if name.startswith(_IGNORED_SUPERVISORD_SECTIONS):
+            _echo("jobrunner: [%s] is supervisord's own; ignored" % name, err=True)
+        elif name not in ("supervise", "supervisord") and not name.startswith("program:"):
             raise ConfigurationError("%s: unknown section [%s] (known: [supervise], [program:NAME])" % (path, name))
     programs = [_read_program(name, dict(parser[name])) for name in parser.sections() if name.startswith("program:")]
     if not programs:
@@ -6653,8 +6685,14 @@ def _read_program(name, options):
         detail = exc.format_message() if hasattr(exc, "format_message") else exc
         raise ConfigurationError("[%s] command: %s" % (name, detail)) from None
     params = ctx.params
-    if any(ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE for key in ("app_spec", "dsn")):
+    given = {key for key in params if ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE}
+    if given & {"app_spec", "dsn"}:
         raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)
+    if given & {"ping_file", "heartbeat_timeout"}:
+        raise ConfigurationError("[%s]: --ping-file and --heartbeat-timeout are the supervisor's: give them to "
+                                 "supervise (or ping_file in [supervise], heartbeat_timeout in the DSN)" % name)
+    if given & {"handlers", "errors"}:
+        raise ConfigurationError("[%s]: --handler and --error are for consume failed, which is not supervised" % name)
     values = {}
     for key, raw in options.items():
         if key in _IGNORED_SUPERVISORD_KEYS:
@@ -6722,8 +6760,15 @@ def _cli_types():
             except ValueError as exc:
                 self.fail(str(exc), param, ctx)
 
-    return {"size": Size(), "memory": Size(least=_KIB), "when": When(), "seconds": click.FloatRange(min=0),
-            "positive": click.FloatRange(min=0, min_open=True), "count": click.IntRange(min=0),
+    class Seconds(click.FloatRange):
+        def convert(self, value, param, ctx):
+            seconds = super().convert(value, param, ctx)
+            if not math.isfinite(seconds):
+                self.fail("%s is not a finite number of seconds" % (value,), param, ctx)
+            return seconds
+
+    return {"size": Size(), "memory": Size(least=_KIB), "when": When(), "seconds": Seconds(min=0),
+            "positive": Seconds(min=0, min_open=True), "count": click.IntRange(min=0),
             "positive_count": click.IntRange(min=1, max=2 ** 63 - 1), "file": click.Path(dir_okay=False),
             "autorestart": click.Choice(_AUTORESTART), "log_format": click.Choice(_LOG_FORMATS)}
 

@@ -384,10 +384,12 @@ def test_workers_are_recycled_at_once_by_the_memory_limit(project, sups):
     assert "BACKOFF" not in log
 
 
-def test_a_memory_limit_below_the_workers_own_footprint_backs_off_to_fatal_instead_of_forking_in_a_loop(project, sups):
+@pytest.mark.parametrize("app_name", ["jobapp", "periodicapp"])  # with a schedule, its process runs on: no matter
+def test_a_memory_limit_below_the_workers_own_footprint_backs_off_to_fatal_instead_of_forking_in_a_loop(project, sups,
+                                                                                                      app_name):
     # The worker can never handle anything: it is over the limit as soon as it starts.  It must count as
     # a program that cannot start (never ready: BACKOFF, then FATAL), not be restarted at once forever.
-    sup = sups.start("async", "--memory-limit", "1M", "--startretries", 1)
+    sup = sups.start("async", "--memory-limit", "1M", "--startretries", 1, env={"JOBRUNNER_APP": app_name})
     try:
         assert sup.wait(timeout=8) == 1  # every process FATAL: the supervisor hands over to systemd / docker
     except subprocess.TimeoutExpired:
@@ -849,7 +851,12 @@ def test_a_config_file_works_with_the_database_in_jobrunner_dsn(project, sups):
     ("[program:mail]\nnumprocs = 2\n", "[program:mail] needs command = consume QUEUE... [options]"),
     ("[program:mail]\ncommand = consume async\nnumprocz = 2\n", "[program:mail]: unknown setting 'numprocz'"),
     ("[program:mail]\ncommand = consume nosuch\n", "unknown queue 'nosuch'"),
-    ("[program:mail]\ncommand = consume async\nautorestart = sometimes\n", "autorestart must be true, false or unexpected"),
+    ("[program:mail]\ncommand = consume async\nautorestart = sometimes\n", "autorestart = 'sometimes' is not valid"),
+    ("[program:mail]\ncommand = consume failed\n", "program mail: consume failed stops after one pass"),
+    ("[program:mail]\ncommand = consume async --ping-file p\n", "--ping-file and --heartbeat-timeout are the supervisor's"),
+    ("[program:mail]\ncommand = consume async --sleep=nan\n", "nan is not a finite number of seconds"),
+    ('[program:mail]\ncommand = consume async\nenvironment = A="x  # unclosed\n', """environment = 'A="x' is not valid"""),
+    ('[program:mail]\ncommand = consume async\nenvironment = A="1" junk\n', """environment = 'A="1" junk' is not valid"""),
     ("[program:mail]\ncommand = consume async --limit=-1\n", "[program:mail] command: Invalid value for '--limit'"),
     ("[program:mail]\ncommand = consume async\n[program:mail2]\ncommand = consume async --dsn other.db\n",
      "[program:mail2]: set app and dsn once, in [supervise] or on the command line"),
@@ -862,6 +869,32 @@ def test_a_bad_config_file_is_refused_with_a_clear_message(project, config, mess
     assert result.stderr.startswith("jobrunner: error: ") and message in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert not (project.path / "logs").exists() and not (project.path / "var" / "log").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "workers.conf", "--numprocs", "4", "-v"],
+     "with --config, set --numprocs, --verbose in each [program:NAME]"),
+    (["--config", "workers.conf", "--limit", "5", "--name", "x"], "with --config, set --limit, --name in each"),
+    (["failed"], "program failed: consume failed stops after one pass"),
+    (["async", "--time-limit", "inf"], "Invalid value for '--time-limit': inf is not a finite number of seconds"),
+])
+def test_supervise_refuses_what_it_would_ignore_or_restart_in_a_loop(project, args, message):
+    (project.path / "workers.conf").write_text("[program:mail]\ncommand = consume async\n")
+    result = project.cli("supervise", *args, timeout=20)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (project.path / "var" / "log").exists()
+
+
+def test_the_command_line_log_dir_and_format_win_over_the_config_files(project, sups):
+    (project.path / "w.ini").write_text("[supervise]\nlog_dir = fromfile\nlog_format = text\n\n"
+                                        "[program:mail]\ncommand = consume async\n")
+    sup = sups.start("--config", "w.ini", "--log-format", "json", log_dir="var/log")
+    wait_running(project, sups, ["mail_00"])
+    assert not (project.path / "fromfile").exists()
+    first = log_text(project, "supervisor.log", "var/log").splitlines()[0]
+    assert json.loads(first)["process"] == "supervisor"
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=15) == 0
 
 
 # --- health -----------------------------------------------------------------------------------
@@ -1031,12 +1064,17 @@ def test_supervise_with_no_queue_takes_every_queue_of_the_app(project, sups, app
 def test_a_program_gets_its_environment_and_directory(project, sups, app, tmp_path):
     home = tmp_path / "elsewhere"
     home.mkdir()
+    # as the seeds write a whole supervisord.conf: its own sections and settings, and '#' comments after values
     (project.path / "w.ini").write_text(
-        '[program:env]\ncommand = consume hard\nenvironment = GREETING="hello, world",OTHER=plain\n'
+        "[supervisord]\nnodaemon=true\n\n[unix_http_server]\nfile=/tmp/supervisor.sock\n\n"
+        "[program:env]\ncommand = consume hard  # the one queue\nnumprocs=1  # one is enough\nautorestart=True\n"
+        'environment = GREETING="hello, world",OTHER=plain  # both\n'
         "directory = %s\n" % home)
-    sups.start("--config", "w.ini", env={"JOBRUNNER_APP": "envapp", "PYTHONPATH": "%s:%s" % (
+    sup = sups.start("--config", "w.ini", env={"JOBRUNNER_APP": "envapp", "PYTHONPATH": "%s:%s" % (
         project.path, project.env["PYTHONPATH"])})
     wait_running(project, sups, ["env_00"])
+    assert "[supervisord] nodaemon is not used by jobrunner; ignored" in sups.output(sup)
+    assert "[unix_http_server] is supervisord's own; ignored" in sups.output(sup)
     project.cli("dispatch", "where", "{}", env={"JOBRUNNER_APP": "envapp", "PYTHONPATH": "%s:%s" % (
         project.path, project.env["PYTHONPATH"])})
     wait_until(lambda: project.values("where"), message="the handler")
