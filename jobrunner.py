@@ -5656,6 +5656,7 @@ class Supervisor:
                                               reaped=reaped)
                 return
             if first:  # rows a killed supervisor of this host left behind: nobody runs those processes now
+                self.transport.connection()  # a writer, as its workers are: makes a new database, and says so
                 stale = [row[0] for row in self.transport.status_rows()[0]
                          if row[2] == self.host and row[3] != os.getpid() and not _pid_alive(row[3])]
                 removed = removed + stale

@@ -1053,6 +1053,18 @@ def test_health_fails_on_a_worker_that_stopped_beating_supervised_or_standalone(
 # --- the first hour: defaults, config files, logs, locks ---------------------------------------------
 
 
+@pytest.mark.sqlite
+def test_a_supervisor_that_had_to_create_its_database_says_so_and_records_its_workers(project, sups):
+    assert not project.db.exists()
+    sup = sups.start("async")
+    wait_running(project, sups, ["async_00"])
+    log = log_text(project, "supervisor.log")
+    assert "WARNING created a new, empty database at %s" % project.db in log
+    assert "ERROR" not in log, log
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=15) == 0
+
+
 def test_supervise_with_no_queue_takes_every_queue_of_the_app(project, sups, app):
     sups.start()
     procs = wait_running(project, sups, ["worker_00"])
