@@ -4907,13 +4907,15 @@ class _RotatingLog:
     def rotate(self):
         self.close()  # never keep a closed fd's number: another pipe or file may get it next
         try:
-            if self.backups:
-                for i in range(self.backups - 1, 0, -1):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.replace("%s.%d" % (self.path, i), "%s.%d" % (self.path, i + 1))
-                os.replace(self.path, self.path + ".1")
-            else:
-                os.truncate(self.path, 0)
+            # a file removed under us (its directory removed and made again) is simply started anew
+            with contextlib.suppress(FileNotFoundError):
+                if self.backups:
+                    for i in range(self.backups - 1, 0, -1):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.replace("%s.%d" % (self.path, i), "%s.%d" % (self.path, i + 1))
+                    os.replace(self.path, self.path + ".1")
+                else:
+                    os.truncate(self.path, 0)
         finally:
             self._open()
 
