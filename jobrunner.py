@@ -6466,7 +6466,7 @@ def _cmd_supervise(queues, config_path, name, numprocs, log_dir, autorestart, st
     spec = _find_app_spec(app_spec)
     if config_path:
         ctx = click.get_current_context()
-        given = {key for key in ctx.params if ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE}
+        given = _given_on_command_line(ctx)
         if queues:
             raise click.UsageError("give queues or --config, not both")
         per_program = sorted(max(p.opts, key=len) for p in ctx.command.params if p.name in given & _PER_PROGRAM_OPTIONS)
@@ -6647,7 +6647,7 @@ def _read_config(path):
     for name in ("supervise", "supervisord"):
         if parser.has_section(name):
             for key, value in parser[name].items():
-                if key in _IGNORED_SUPERVISORD_SECTION_KEYS and key not in _SUPERVISE_KEYS:
+                if key in _IGNORED_SUPERVISORD_SECTION_KEYS:
                     _echo("jobrunner: [%s] %s is not used by jobrunner; ignored" % (name, key), err=True)
                     continue
                 if key not in _SUPERVISE_KEYS:
@@ -6668,10 +6668,15 @@ def _read_config(path):
     return programs, section
 
 
+def _given_on_command_line(ctx):
+    """The parameters of a parsed click command that were typed, not defaulted."""
+    import click
+
+    return {key for key in ctx.params if ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE}
+
+
 def _read_program(name, options):
     import shlex
-
-    import click
 
     program = name.split(":", 1)[1].strip()
     try:
@@ -6688,7 +6693,7 @@ def _read_program(name, options):
         detail = exc.format_message() if hasattr(exc, "format_message") else exc
         raise ConfigurationError("[%s] command: %s" % (name, detail)) from None
     params = ctx.params
-    given = {key for key in params if ctx.get_parameter_source(key) is click.core.ParameterSource.COMMANDLINE}
+    given = _given_on_command_line(ctx)
     if given & {"app_spec", "dsn"}:
         raise ConfigurationError("[%s]: set app and dsn once, in [supervise] or on the command line" % name)
     if given & {"ping_file", "heartbeat_timeout"}:
