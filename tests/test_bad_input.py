@@ -8,6 +8,7 @@ a traceback.
 import functools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -66,11 +67,22 @@ body_values = st.one_of(
 )
 
 
+SCRATCH_DIRS = []  # hypothesis runs many examples in one test call, so no fixture can give each its directory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def remove_scratch_dirs():
+    yield
+    while SCRATCH_DIRS:
+        shutil.rmtree(SCRATCH_DIRS.pop(), ignore_errors=True)
+
+
 class Garbage:
     """A fresh database with a registered handler that records its calls, and nothing else callable."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="jobrunner-fuzz-")
+        SCRATCH_DIRS.append(self.dir)
         self.jobs = jobrunner.JobRunner(os.path.join(self.dir, "jobs.db"))
         self.calls = []
 
