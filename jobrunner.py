@@ -4397,7 +4397,7 @@ class Worker:
         extra = {"event": kind, "message_id": delivery.id, "handler": name}
         if outcome.kind == "retry":
             _log.warning("message %d (%s) failed, attempt %d: %s; retrying in %.1fs", delivery.id, name,
-                         delivery.attempts, error, outcome.available_at - time.time(), extra=extra)
+                         delivery.attempts, error, max(0.0, outcome.available_at - time.time()), extra=extra)
         else:
             _log.error("message %d (%s) moved to the failure queue after %d attempt(s): %s", delivery.id, name,
                        delivery.attempts, error, extra=extra)
@@ -6185,12 +6185,35 @@ def _cmd_stop_workers(as_json, verbosity, app_spec, dsn):
     _echo("asked %d running worker(s) to stop after their current message" % count)
 
 
+def _check_control_queues(app, app_spec, transport, queues, resuming=False):
+    """Refuse a queue the app does not route to, as `consume` does: a typo would pause nothing.
+
+    A paused queue can always be resumed.  The app is imported for this even
+    beside a DSN, but an app that fails to import must not stand in the way of
+    a pause during an incident: then, or with no app at all, the database
+    tells what it can (a queue may be empty) and an unknown one is a warning.
+    """
+    if app is None and _find_app_spec(app_spec):
+        try:
+            app = _load_app(_find_app_spec(app_spec))
+        except JobRunnerError as exc:
+            _echo("jobrunner: warning: queue names not checked: %s" % exc, err=True)
+    paused = transport.paused()
+    for queue in queues:
+        _check_queue_name(queue)
+        if resuming and queue in paused:
+            continue
+        if app is not None:
+            app.check_queues([queue])
+        elif queue not in {entry["queue"] for entry in transport.stats()["queues"]}:
+            _echo("jobrunner: warning: no message, worker or pause names queue %r in this database" % queue, err=True)
+
+
 @_command("pause", _argument("queues", nargs=-1, required=True), _JSON, _APP)
 def _cmd_pause(queues, as_json, app_spec, dsn):
     """Stop workers taking messages from QUEUES (dispatches still store them) until `resume`."""
-    _, transport = _transport_from(app_spec, dsn)
-    for queue in queues:
-        _check_queue_name(queue)
+    app, transport = _transport_from(app_spec, dsn)
+    _check_control_queues(app, app_spec, transport, queues)
     transport.pause(queues)
     _echo_json({"paused": list(queues)}) if as_json else _echo("paused %s" % ", ".join(queues))
 
@@ -6198,9 +6221,8 @@ def _cmd_pause(queues, as_json, app_spec, dsn):
 @_command("resume", _argument("queues", nargs=-1, required=True), _JSON, _APP)
 def _cmd_resume(queues, as_json, app_spec, dsn):
     """Let workers take messages from QUEUES again."""
-    _, transport = _transport_from(app_spec, dsn)
-    for queue in queues:
-        _check_queue_name(queue)
+    app, transport = _transport_from(app_spec, dsn)
+    _check_control_queues(app, app_spec, transport, queues, resuming=True)
     transport.resume(queues)
     _echo_json({"resumed": list(queues)}) if as_json else _echo("resumed %s" % ", ".join(queues))
 
@@ -6907,6 +6929,8 @@ class _Dashboard:
         match = re.fullmatch(r"/api/queues/([^/]+)/(pause|resume)", path)
         if match:
             queue = _check_queue_name(urllib.parse.unquote(match.group(1)))
+            if queue not in {entry["queue"] for entry in self.transport.stats()["queues"]}:  # paused ones included
+                return _web_error(404, "unknown queue %r: no message, worker or pause names it" % queue)
             getattr(self.transport, match.group(2))([queue])
             return 200, {"queue": queue, "paused": match.group(2) == "pause"}
         match = re.fullmatch(r"/api/messages/(\d{1,18})/cancel", path)

@@ -267,6 +267,26 @@ def test_a_paused_queue_keeps_its_messages_while_workers_take_their_other_queues
     app.resume("async")
 
 
+@pytest.mark.backends
+def test_pause_refuses_a_queue_the_app_does_not_route_to_and_any_paused_queue_can_be_resumed(project, app):
+    app.setup()
+    typo = project.cli("pause", "asnyc")  # the app is imported even beside JOBRUNNER_DSN
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert typo.stderr.startswith("jobrunner: error: unknown queue 'asnyc' (known: ") and typo.stderr.count("\n") == 1
+    assert app.transport.paused() == {}
+    app.transport.pause(["retired"])  # paused under a name the app has stopped routing to since
+    assert project.cli("resume", "retired").returncode == 0 and app.transport.paused() == {}
+    assert project.cli("resume", "retired").returncode == 2  # no longer paused: a name like any other
+    # an app that fails to import does not stand in the way of a pause; without one the database is asked
+    broken = project.cli("pause", "async", env={"JOBRUNNER_APP": "no_such_module"})
+    assert broken.returncode == 0 and "warning: queue names not checked: cannot import app module" in broken.stderr
+    app.dispatch("note", {"n": 1})
+    for queue, warned in (("async", False), ("elsewhere", True)):
+        result = project.cli("pause", queue, env={"JOBRUNNER_APP": ""})
+        assert result.returncode == 0 and ("no message, worker or pause names queue 'elsewhere'" in result.stderr) == warned
+    assert set(app.transport.paused()) == {"async", "elsewhere"}
+
+
 # --- cancelling ----------------------------------------------------------------------------------------
 
 

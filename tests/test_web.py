@@ -105,6 +105,8 @@ def test_changes_need_the_bearer_token_always_and_do_what_they_say(project, web)
     assert [q["paused"] for q in json.loads(project.cli("stats", "--json").stdout)["queues"] if q["queue"] == "async"] \
         == [True]
     assert call(base, "/api/queues/async/resume", "POST", token=TOKEN)[1]["paused"] is False
+    assert call(base, "/api/queues/asnyc/pause", "POST", token=TOKEN)[0] == 404  # a typo pauses nothing
+    assert not any(q["paused"] for q in json.loads(project.cli("stats", "--json").stdout)["queues"])
     delayed = project.query("SELECT id FROM messenger_messages WHERE queue_name = 'high'")[0][0]
     assert call(base, "/api/messages/%d/cancel" % delayed, "POST", token=TOKEN) == (
         200, {"id": delayed, "cancelled": "waiting"})
