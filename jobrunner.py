@@ -121,7 +121,12 @@ def _error_class(exc):
 
 
 def _format_exception(exc):
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return _storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def _storable(text):
+    """Text with any lone surrogate spelled out: an error naming a file by os.fsdecode() has them, and UTF-8 can't."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # --- DSN and settings ---------------------------------------------------------
@@ -4437,11 +4442,12 @@ def _failure_outcome(delivery, retry, headers, exc):
             free += 1
             if exc.retry_after is not None:
                 wait = max(0.0, float(exc.retry_after))
-        retried = dict(headers, attempts=delivery.attempts, last_error="%s: %s" % (_error_class(exc), exc))
+        retried = dict(headers, attempts=delivery.attempts, last_error=_storable("%s: %s" % (_error_class(exc), exc)))
         if free:
             retried["free_retries"] = free
         return _Outcome("retry", delivery, time.time() + wait, _encode_headers(retried))
-    return _fail_outcome(delivery, headers, _error_class(exc), str(exc), _format_exception(exc)[-_TRACEBACK_LIMIT:])
+    return _fail_outcome(delivery, headers, _error_class(exc), _storable(str(exc)),
+                         _format_exception(exc)[-_TRACEBACK_LIMIT:])
 
 
 def _fail_outcome(delivery, headers, error_class, message, tb, reason=None, attempts=None):

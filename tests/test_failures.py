@@ -210,6 +210,19 @@ def test_unrecoverable_error_fails_at_once_whatever_max_retries_says(project, ap
     assert headers["attempts"] == 1
 
 
+@pytest.mark.backends
+def test_an_error_text_utf8_cannot_encode_is_stored_spelled_out_and_the_worker_goes_on(project, app):
+    failing = app.dispatch("missing_file", {"n": 1})  # FileNotFoundError('/tmp/caf\udce9-1.txt'): a lone surrogate
+    app.dispatch("note", {"n": 2})
+    worker = project.cli("consume", "async", "--limit", "3", "--time-limit", "10")
+    assert worker.returncode == 0 and "Traceback" not in worker.stderr, worker.stderr
+    assert project.values("fail") == ["1", "1"] and project.values("note") == ["2"]  # retried once, then failed
+    headers = json.loads(rows(project)[failing]["headers"])
+    assert headers["error_message"] == "/tmp/caf\\udce9-1.txt" and "caf\\udce9" in headers["traceback"]
+    shown = project.cli("failed", "show", failing, "-v")
+    assert shown.returncode == 0 and "caf\\udce9-1.txt" in shown.stdout
+
+
 def test_recoverable_error_is_retried_beyond_max_retries(project, app):
     project.out.mkdir()  # the handler keeps its count there
     msg_id = app.dispatch("recoverable", {"n": 2})  # max_retries=0; busy three times, then fine

@@ -62,6 +62,13 @@ def unrecoverable(n):
     raise UnrecoverableError("no point retrying %s" % n)
 
 
+@jobs.handler(max_retries=1, delay=0.01)
+def missing_file(n):
+    """Fails naming a file as os.fsdecode() gives an undecodable name: with a lone surrogate."""
+    record("fail", n)
+    raise FileNotFoundError(os.fsdecode(b"/tmp/caf\xe9-%d.txt" % n))
+
+
 @jobs.handler(max_retries=0)
 def fixed_by_file(n):
     """Fails at once until a file ``fixed-<n>`` appears beside the records."""
