@@ -1156,7 +1156,8 @@ class Transport:
     def begin_handler(self):
         """A connection inside a new write transaction for a transactional handler.
 
-        DatabaseLocked when another connection held the write lock too long:
+        StorageError (DatabaseLocked when another connection held the write
+        lock too long; a lost connection, reopened for the next statement):
         the message goes back to the queue without spending an attempt.
         """
         conn = self.connection()
@@ -4189,8 +4190,9 @@ class Worker:
             if handler.transactional:
                 try:
                     conn = self.transport.begin_handler()
-                except DatabaseLocked as exc:
-                    # contention is nobody's failure: back on the queue, the attempt given back
+                except StorageError as exc:
+                    # contention or a lost connection (reopened by now) is nobody's failure: the handler has not
+                    # run, so back on the queue with the attempt given back
                     _log.warning("message %d (%s): %s; back on the queue", delivery.id, handler.name, exc)
                     return _Outcome("release", delivery)
             failure = self._call(handler, payload, conn, lane)

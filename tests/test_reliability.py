@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from conftest import hold_write_lock, report, wait_until
+from conftest import hold_write_lock, report, wait_until, watch_stderr
 
 pytestmark = pytest.mark.slow
 
@@ -212,6 +212,20 @@ def test_every_connection_terminated_three_times_mid_drain_loses_nothing(project
                "lost 0, failed 0, %d duplicates, %.1fs" % (cuts, threads, count, duplicates, time.monotonic() - started))
     finally:
         kill_tree(supervisor)
+
+
+@pytest.mark.postgres
+def test_a_connection_cut_before_a_prefetched_transactional_handler_begins_costs_it_no_attempt(project, app):
+    # The cut lands while the batch's first handler runs; the next statement is the transaction of the second.
+    app.dispatch("slow", {"n": 1, "seconds": 1.5})
+    app.dispatch("tx_once", {"n": 2})  # max_retries=0: a spent attempt would fail it
+    worker = watch_stderr(project.start("consume", "slow", "--prefetch", "4", "-v"))
+    wait_until(lambda: project.values("start") == ["1"], message="the first handler to start")
+    assert project.query("SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                         "WHERE application_name = ? AND pid <> pg_backend_pid()", project.schema)[0][0] >= 1
+    wait_until(lambda: sorted(project.values("note")) == ["1", "2"], timeout=20, message="both handled")
+    wait_until(lambda: queue_counts(project) == (0, 0), timeout=10, message="an empty queue")
+    assert worker.poll() is None, "the worker should have gone on"
 
 
 def test_write_lock_held_for_seconds_is_waited_out(project):

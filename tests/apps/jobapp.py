@@ -160,6 +160,12 @@ def wait_forever(n):
     record("note", n)
 
 
+@jobs.handler(queue="slow", transactional=True, max_retries=0)
+def tx_once(db, n):
+    db.execute("SELECT 1")
+    record("note", n)
+
+
 @jobs.handler(queue="slow", transactional=True)
 def tx_wait(db, n):
     db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
