@@ -2159,10 +2159,11 @@ class PostgresTransport(Transport):
         """
         local = self._local
         block = getattr(local, "ids", None)
-        if not block:
+        if not block or local.ids_pid != _own_pid:  # a fork copies the block: parent and child would share its ids
             block = local.ids = [row[0] for row in conn.execute(
                 "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
                 (self.table, _ID_BLOCK)).fetchall()][::-1]
+            local.ids_pid = _own_pid
         return block.pop()
 
     def _insert_many(self, conn, rows):

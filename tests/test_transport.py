@@ -257,6 +257,26 @@ def test_dispatch_returns_increasing_ids_of_stored_messages(jobs):
 
 
 @pytest.mark.backends
+def test_an_app_that_dispatched_before_forking_dispatches_from_both_processes(jobs):
+    # gunicorn --preload, multiprocessing: the child inherits whatever the parent had set up for dispatching
+    first = jobs.dispatch("note", {"n": 1})
+    read, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, str(jobs.dispatch("note", {"n": 2})).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    child = int(os.read(read, 64) or b"0")
+    os.close(read)
+    last = jobs.dispatch("note", {"n": 3})
+    assert child and len({first, child, last}) == 3
+    assert q(jobs, "SELECT body FROM messenger_messages ORDER BY body") == [('{"n":1}',), ('{"n":2}',), ('{"n":3}',)]
+
+
+@pytest.mark.backends
 def test_handler_dispatch_passes_keywords_as_payload(jobs):
     greet = jobs.handlers["greet"]
     msg_id = greet.dispatch(to="x@y.z", sign="me")
