@@ -2219,6 +2219,19 @@ class PostgresTransport(Transport):
             return None, settled, None, due
         return _Delivery(*row, worker_id), settled, None, None
 
+    def send(self, messages, conn=None):
+        conn = conn or self.connection()
+        if getattr(self._local, "relaxed", None) is not conn or self._in_transaction(conn):
+            return super().send(messages, conn)
+        # a handler dispatching on its worker's connection, whose bookkeeping commits without waiting for the WAL
+        # flush: a dispatch is the app's own write, and waits for it
+        with self.transaction(conn):
+            try:
+                conn.execute("SET LOCAL synchronous_commit = on")
+            except self.psycopg.Error as exc:
+                raise self._error(exc) from None
+            return super().send(messages, conn)
+
     def _relaxed_cursor(self, conn):
         """The hot cursor of a connection whose commits do not wait for the WAL flush (see :meth:`_claim`)."""
         if getattr(self._local, "relaxed", None) is not conn:

@@ -228,6 +228,26 @@ def test_a_connection_cut_before_a_prefetched_transactional_handler_begins_costs
     assert worker.poll() is None, "the worker should have gone on"
 
 
+@pytest.mark.postgres
+def test_a_dispatch_from_a_handler_waits_for_the_wal_flush_as_every_dispatch_does(project, app):
+    # The worker's own bookkeeping commits with synchronous_commit off on its connection; a handler's dispatch
+    # shares that connection, yet it is the app's write.  A trigger records the setting each insert ran under.
+    app.setup()
+    project.query("CREATE TABLE commit_modes (body TEXT, mode TEXT)")
+    project.query("CREATE FUNCTION note_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                  "INSERT INTO commit_modes VALUES (NEW.body, current_setting('synchronous_commit')); RETURN NEW; "
+                  "END $$")
+    project.query("CREATE TRIGGER commit_mode AFTER INSERT ON messenger_messages FOR EACH ROW "
+                  "EXECUTE FUNCTION note_commit_mode()")
+    app.dispatch("spawn", {"n": 1})
+    app.dispatch("spawn", {"n": 2})
+    worker = project.cli("consume", "async", "--limit", "4", "--time-limit", "10")
+    assert worker.returncode == 0, worker.stderr
+    assert sorted(project.values("note")) == ["1.0", "2.0"]
+    assert project.query("SELECT body, mode FROM commit_modes ORDER BY body") == [
+        ('{"n":"1.0"}', "on"), ('{"n":"2.0"}', "on"), ('{"n":1}', "on"), ('{"n":2}', "on")]
+
+
 def test_write_lock_held_for_seconds_is_waited_out(project):
     project.cli("setup")
     worker = project.start("consume", "async", env=RELIAPP)

@@ -32,6 +32,12 @@ def note(n):
     record("note", n)
 
 
+@jobs.handler
+def spawn(n):
+    """Not transactional: dispatches on its worker's own connection."""
+    jobs.dispatch("note", {"n": "%s.0" % n})
+
+
 @jobs.handler(queue="high")
 def note_high(n):
     record("high", n)
