@@ -235,7 +235,11 @@ class Settings:
         """A PostgreSQL URL: jobrunner's options out of its query string, libpq's left in it."""
         import urllib.parse
 
-        parts = urllib.parse.urlsplit(dsn)
+        try:
+            parts = urllib.parse.urlsplit(dsn)
+            parts.port  # noqa: B018 -- parsed here, where a bad one can still be told apart from a lost server
+        except ValueError as exc:  # the DSN itself is not repeated: it may hold a password
+            raise ConfigurationError("malformed PostgreSQL DSN: %s" % exc) from None
         ours, theirs = {}, []
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
@@ -243,7 +247,9 @@ class Settings:
                 ours[key] = value
             else:
                 theirs.append((key, value))
-        url = urllib.parse.urlunsplit(("postgresql", parts.netloc, parts.path, urllib.parse.urlencode(theirs), ""))
+        # libpq decodes %20 but not '+': a space (options=-c statement_timeout=5000) must stay %20
+        query = urllib.parse.urlencode(theirs, quote_via=urllib.parse.quote)
+        url = urllib.parse.urlunsplit(("postgresql", parts.netloc, parts.path, query, ""))
         values = cls._options(ours, overrides, "PostgreSQL", _SQLITE_ONLY)
         return cls(path=None, url=url, **values)
 

@@ -928,3 +928,33 @@ def test_a_claim_of_a_forgotten_worker_goes_back_at_once_and_another_tools_after
     assert transport.has_unowned_claims()
     assert transport.release_workers({}) == ([], 1)
     assert q(jobs, "SELECT id FROM messenger_messages WHERE delivered_at IS NULL ORDER BY id") == [(late,), (other_tool,)]
+
+
+@pytest.mark.postgres
+def test_libpq_options_with_spaces_reach_the_server_as_written(tmp_path):
+    import uuid
+
+    schema = "t_" + uuid.uuid4().hex[:16]
+    app = JobRunner(postgres_dsn(schema) + "&options=-c%20statement_timeout%3D5000&application_name=my%20app")
+    try:
+        conn = app.transport.connection()
+        shown = [conn.execute("SHOW %s" % name).fetchone()[0] for name in ("statement_timeout", "application_name")]
+        assert shown == ["5s", "my app"]
+    finally:
+        app.close()
+        drop_schema(schema)
+
+
+@pytest.mark.parametrize("dsn, error", [
+    ("postgresql://app:secret@[::1:5432/jobs", "Invalid IPv6 URL"),
+    ("postgresql://app:secret@db:99999/jobs", "Port out of range 0-65535"),
+    ("postgresql://app:secret@db:abc/jobs", "Port could not be cast to integer value as 'abc'"),
+])
+def test_a_malformed_postgresql_dsn_is_one_line_without_its_password(tmp_path, dsn, error):
+    result = subprocess.run([sys.executable, str(REPO / "jobrunner.py"), "stats", "--dsn", dsn], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "jobrunner: error: malformed PostgreSQL DSN: %s\n" % error
+    with pytest.raises(jobrunner.ConfigurationError, match="malformed PostgreSQL DSN") as raised:
+        JobRunner(dsn)
+    assert "secret" not in str(raised.value)
