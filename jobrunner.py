@@ -124,6 +124,17 @@ def _format_exception(exc):
     return _storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
+def _storable_key(key):
+    """A key both databases store as given: PostgreSQL's text refuses NUL, and UTF-8 lone surrogates."""
+    if not (isinstance(key, str) and 0 < len(key) <= 255) or "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _storable(text):
     """Text with any lone surrogate spelled out: an error naming a file by os.fsdecode() has them, and UTF-8 can't."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -2774,8 +2785,9 @@ class JobRunner:
             raise InvalidMessage("delay must be a number of seconds >= 0, not %r" % (delay,))
         if type(priority) is not int or not -2 ** 31 <= priority < 2 ** 31:
             raise InvalidMessage("priority must be a whole number between -2**31 and 2**31-1, not %r" % (priority,))
-        if unique_key is not None and not (isinstance(unique_key, str) and 0 < len(unique_key) <= 255):
-            raise InvalidMessage("unique_key must be a string of 1 to 255 characters, not %r" % (unique_key,))
+        if unique_key is not None and not _storable_key(unique_key):
+            raise InvalidMessage("unique_key must be a string of 1 to 255 characters, without NUL or lone surrogates, "
+                                 "not %r" % (unique_key,))
         return queue, body, _headers_for(name), now + delay, priority, unique_key
 
     def dispatch(self, name, payload=None, queue=None, delay=0, *, priority=0, unique_key=None):

@@ -212,8 +212,11 @@ def test_a_unique_key_is_held_while_queued_delayed_or_running_and_freed_after(pr
         wait_until(lambda: app.run_pending(["async"]) == 1, timeout=5, message="the next attempt")
     assert [e.id for e in app.failed()] == [third]
     assert app.dispatch("note", {"n": 7}, unique_key="k") not in (first, second, third)  # failed: free
-    with pytest.raises(jobrunner.InvalidMessage, match="unique_key must be a string"):
-        app.dispatch("note", {"n": 8}, unique_key="")
+    before = project.query("SELECT COUNT(*) FROM messenger_messages")
+    for key in ("", "a\x00b", "a\ud800", "k" * 256, 7):  # each refused alike on both databases, nothing stored
+        with pytest.raises(jobrunner.InvalidMessage, match="unique_key must be a string"):
+            app.dispatch("note", {"n": 8}, unique_key=key)
+    assert project.query("SELECT COUNT(*) FROM messenger_messages") == before
 
 
 # --- priorities ----------------------------------------------------------------------------------------
