@@ -1321,6 +1321,8 @@ class Transport:
 
     def cancel(self, message_id):
         """``"waiting"`` (removed) or ``"running"`` (its worker interrupts it); UnknownMessage otherwise."""
+        if not 0 < message_id < 2 ** 63:  # no row has it, and SQLite cannot even compare it
+            raise UnknownMessage("no message %d: unknown, or handled already" % message_id)
         with self.transaction(self.connection(create=False)) as conn:
             if conn.execute(self.sql["cancel_waiting"], (message_id,)).rowcount:
                 return "waiting"

@@ -304,6 +304,10 @@ def test_cancel_removes_queued_and_delayed_messages(project, app):
     unknown = project.cli("cancel", queued)
     assert (unknown.returncode, unknown.stderr) == (1, "jobrunner: error: no message %d: unknown, or handled already\n"
                                                     % queued)
+    for beyond in (2 ** 63, 10 ** 22, -5):  # no row can have it: the same answer, not a traceback
+        unknown = project.cli("cancel", "--", beyond)
+        assert (unknown.returncode, unknown.stderr) == (
+            1, "jobrunner: error: no message %d: unknown, or handled already\n" % beyond)
 
 
 @pytest.mark.backends
