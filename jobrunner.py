@@ -144,6 +144,7 @@ def _storable(text):
 
 _KIB, _MIB = 1024, 1024 * 1024
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+_TABLE_NAME_MAX = 63 - len("_claimed")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -209,6 +210,9 @@ class Settings:
             raise ConfigurationError("max_body_bytes and journal_size_limit must be positive")
         if not isinstance(self.table, str) or not _IDENTIFIER.match(self.table) or self.table.startswith("jobrunner_"):
             raise ConfigurationError("table must be a lowercase SQL name (letters, digits, _), not %r" % (self.table,))
+        if len(self.table) > _TABLE_NAME_MAX:  # the same limit on both databases, so a table moves between them
+            raise ConfigurationError("table name %r is %d characters: at most %d (PostgreSQL names its indexes "
+                                     "after it, in 63)" % (self.table, len(self.table), _TABLE_NAME_MAX))
         if self.schema is not None and not (isinstance(self.schema, str) and _IDENTIFIER.match(self.schema)):
             raise ConfigurationError("schema must be a lowercase SQL name (letters, digits, _), not %r" % (self.schema,))
 
@@ -2037,6 +2041,16 @@ def _psycopg():
     return psycopg
 
 
+def _channel_name(schema, table):
+    """The LISTEN/NOTIFY channel of one table: its names when they fit PostgreSQL's 63 bytes, else a digest of them."""
+    name = "jobrunner_%s" % (table if schema is None else "%s_%s" % (schema, table))
+    if len(name) <= 63:
+        return name
+    import hashlib
+
+    return "jobrunner_%s" % hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 def _postgres_error(exc, where):
     """Turn a psycopg error into a one-line StorageError that names the database (never its password)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -2066,8 +2080,7 @@ class PostgresTransport(Transport):
         self.psycopg = _psycopg()
         self.driver_errors = (self.psycopg.Error,)
         super().__init__(settings)
-        self.channel = "jobrunner_%s" % (settings.table if settings.schema is None else "%s_%s" % (settings.schema,
-                                                                                                    settings.table))
+        self.channel = _channel_name(settings.schema, settings.table)
         settle_claim = ("WITH settled AS ({settle} RETURNING 1), claimed AS ({claim}) "
                         "SELECT (SELECT COUNT(*) FROM settled), claimed.* FROM (SELECT 1) AS one "
                         "LEFT JOIN claimed ON true")

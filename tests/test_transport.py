@@ -958,3 +958,27 @@ def test_a_malformed_postgresql_dsn_is_one_line_without_its_password(tmp_path, d
     with pytest.raises(jobrunner.ConfigurationError, match="malformed PostgreSQL DSN") as raised:
         JobRunner(dsn)
     assert "secret" not in str(raised.value)
+
+
+@pytest.mark.postgres
+def test_the_longest_names_allowed_work_on_postgresql_and_a_longer_table_is_refused_on_both(tmp_path):
+    schema = "s" * 63  # the channel would be jobrunner_<schema>_<table>: far over PostgreSQL's 63 bytes
+    table = "t" * 55  # its index names (t..._claimed) take the 63 bytes exactly
+    app = JobRunner("%s&table=%s" % (postgres_dsn(schema), table))
+
+    @app.handler
+    def note(n):
+        pass
+
+    try:
+        first = app.dispatch("note", {"n": 1}, unique_key="k")
+        assert app.dispatch("note", {"n": 2}, unique_key="k") == first  # the unique index exists
+        app.dispatch_many("note", [{"n": 3}])
+        assert app.run_pending(["async"]) == 2
+    finally:
+        app.close()
+        drop_schema(schema)
+    too_long = "t" * 56
+    for dsn in ("%s&table=%s" % (postgres_dsn("s"), too_long), "sqlite:///%s?table=%s" % (tmp_path / "jobs.db", too_long)):
+        with pytest.raises(jobrunner.ConfigurationError, match="is 56 characters: at most 55"):
+            JobRunner(dsn)
