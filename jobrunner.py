@@ -113,6 +113,12 @@ class HandlerTimeout(JobRunnerError):
     """A handler ran past its ``timeout``; the attempt counts as failed."""
 
 
+def _ended_its_transaction():
+    # its writes may be committed by now, without the acknowledgement: running it again would write them twice
+    return UnrecoverableError("the handler ended the transaction that acknowledges its message (a COMMIT or ROLLBACK "
+                              "of its own); not retried, as what it wrote before may be committed")
+
+
 def _error_class(exc):
     """The name an error is recorded under: ``ValueError``, ``jobrunner.HandlerTimeout``, ``requests.Timeout``."""
     cls = type(exc)
@@ -1200,7 +1206,7 @@ class Transport:
             self._guard_transaction(conn, False)
             if ok:
                 if not self._in_transaction(conn):  # ended by the handler; raises if it closed the connection
-                    raise StorageError("the handler ended the transaction that acknowledges its message")
+                    raise _ended_its_transaction()
                 if conn.execute(self.sql["ack"], _Outcome("ack", delivery).params()).rowcount == 1:
                     conn.execute("COMMIT")
                     return True
@@ -2325,7 +2331,7 @@ class PostgresTransport(Transport):
         try:
             if ok:
                 if not self._in_transaction(conn):
-                    raise StorageError("the handler ended the transaction that acknowledges its message")
+                    raise _ended_its_transaction()
                 if conn.execute(self.sql["ack"], _Outcome("ack", delivery).params()).rowcount == 1:
                     transaction.__exit__(None, None, None)  # commits
                     return True

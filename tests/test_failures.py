@@ -223,6 +223,18 @@ def test_an_error_text_utf8_cannot_encode_is_stored_spelled_out_and_the_worker_g
     assert shown.returncode == 0 and "caf\\udce9-1.txt" in shown.stdout
 
 
+@pytest.mark.postgres  # SQLite's authorizer refuses the COMMIT itself: the handler fails and is retried as usual
+def test_a_transactional_handler_that_commits_by_sql_is_failed_at_once_not_run_again(project, app):
+    msg_id = app.dispatch("commits_by_sql", {"n": 1})  # max_retries=3
+    worker = project.cli("consume", "async", "--limit", "1", "--time-limit", "10")
+    assert worker.returncode == 0, worker.stderr
+    assert app.run_pending(["async"]) == 0
+    assert project.values("fail") == ["1"]  # ran once: a second run would write what the first committed again
+    failed = app.failed()
+    assert [e.id for e in failed] == [msg_id] and failed[0].headers["attempts"] == 1
+    assert "ended the transaction that acknowledges its message" in failed[0].headers["error_message"]
+
+
 def test_recoverable_error_is_retried_beyond_max_retries(project, app):
     project.out.mkdir()  # the handler keeps its count there
     msg_id = app.dispatch("recoverable", {"n": 2})  # max_retries=0; busy three times, then fine

@@ -166,6 +166,15 @@ def wait_forever(n):
     record("note", n)
 
 
+@jobs.handler(transactional=True, max_retries=3)
+def commits_by_sql(db, n):
+    """Ends its transaction with a COMMIT statement, which psycopg cannot refuse as it refuses db.commit()."""
+    db.execute("CREATE TABLE IF NOT EXISTS ledger (n INTEGER PRIMARY KEY)")
+    db.execute(sql(db, "INSERT INTO ledger (n) VALUES (?) ON CONFLICT DO NOTHING"), (n,))
+    record("fail", n)
+    db.execute("COMMIT")
+
+
 @jobs.handler(queue="slow", transactional=True, max_retries=0)
 def tx_once(db, n):
     db.execute("SELECT 1")
