@@ -325,11 +325,11 @@ def cancel_running(project, app, handler):
     after = app.dispatch("slow", {"n": 2, "seconds": 0})
     worker = watch_stderr(project.start("consume", "slow", "-v"))
     wait_until(lambda: project.values("start") == ["1"], message="the handler to start")
-    asked = time.monotonic()
     result = project.cli("cancel", running)
+    stored = time.monotonic()  # the cancel is in the database once the command returns, however long it took to start
     assert (result.returncode, result.stdout) == (0, "message %d cancelled: its worker stops it\n" % running)
     wait_for_stderr(worker, "message %d (%s) was cancelled while it ran: interrupted" % (running, handler), timeout=5)
-    assert time.monotonic() - asked < 2.0 + 1.0  # the heartbeat notices within a second; the slack is the CLI's start
+    assert time.monotonic() - stored < 2.0  # the heartbeat notices within a second
     wait_until(lambda: project.values("note") == ["2"], message="the next message")  # the worker went on
     assert project.query("SELECT id FROM messenger_messages") == []  # not retried, not in the failure queue
     if handler == "tx_wait":

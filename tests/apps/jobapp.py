@@ -32,12 +32,6 @@ def note(n):
     record("note", n)
 
 
-@jobs.handler
-def spawn(n):
-    """Not transactional: dispatches on its worker's own connection."""
-    jobs.dispatch("note", {"n": "%s.0" % n})
-
-
 @jobs.handler(queue="high")
 def note_high(n):
     record("high", n)
@@ -46,6 +40,12 @@ def note_high(n):
 @jobs.handler(queue="low")
 def note_low(n):
     record("low", n)
+
+
+@jobs.handler
+def spawn(n):
+    """Not transactional: dispatches on its worker's own connection."""
+    jobs.dispatch("note", {"n": "%s.0" % n})
 
 
 @jobs.handler(max_retries=2, delay=0.2, multiplier=2.0, jitter=0.0)
