@@ -2122,10 +2122,14 @@ class PostgresTransport(Transport):
         return where if self.settings.table == "messenger_messages" else "%s (table %s)" % (where, self.settings.table)
 
     def _open(self, create):
+        import urllib.parse
+
         settings = self.settings
+        options = {"prepare_threshold": None} if settings.pgbouncer else {}
+        if "connect_timeout" not in dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(settings.url).query)):
+            options["connect_timeout"] = max(1, int(settings.busy_timeout))  # unless the DSN gives its own
         try:
-            conn = self.psycopg.connect(settings.url, autocommit=True, connect_timeout=max(1, int(settings.busy_timeout)),
-                                        **({"prepare_threshold": None} if settings.pgbouncer else {}))
+            conn = self.psycopg.connect(settings.url, autocommit=True, **options)
         except self.psycopg.Error as exc:
             raise self._error(exc) from None
         try:

@@ -935,11 +935,13 @@ def test_libpq_options_with_spaces_reach_the_server_as_written(tmp_path):
     import uuid
 
     schema = "t_" + uuid.uuid4().hex[:16]
-    app = JobRunner(postgres_dsn(schema) + "&options=-c%20statement_timeout%3D5000&application_name=my%20app")
+    app = JobRunner(postgres_dsn(schema) + "&options=-c%20statement_timeout%3D5000&application_name=my%20app"
+                    "&connect_timeout=3")
     try:
         conn = app.transport.connection()
         shown = [conn.execute("SHOW %s" % name).fetchone()[0] for name in ("statement_timeout", "application_name")]
         assert shown == ["5s", "my app"]
+        assert conn.info.get_parameters()["connect_timeout"] == "3"  # not replaced by one from busy_timeout
     finally:
         app.close()
         drop_schema(schema)
