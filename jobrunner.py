@@ -7008,9 +7008,24 @@ class _Dashboard:
             return 200, {"asked": self.transport.request_stop()}
         return _web_error(404, "no such action: %s" % path)
 
-    def act_on_failed(self, verb, body):
+    @staticmethod
+    def check_action(body):
+        """Refuse a body that could be read as wider than meant: a remove cannot be undone."""
         if not isinstance(body, dict):
             raise InvalidMessage("the body must be a JSON object with ids or all")
+        unknown = sorted(set(body) - {"ids", "all", "handler", "error"})
+        if unknown:
+            raise InvalidMessage("unknown key %r: give ids, or all with the filters handler and error" % unknown[0])
+        if "ids" in body and "all" in body:
+            raise InvalidMessage('give {"ids": [1, 2]} or {"all": true}, not both')
+        for key in ("handler", "error"):
+            if key in body and not (isinstance(body[key], str) and body[key].strip()):
+                raise InvalidMessage("%s must be a non-blank string, not %s" % (key, json.dumps(body[key])[:80]))
+            if key in body and "all" not in body:
+                raise InvalidMessage("%s filters all, not ids" % key)
+
+    def act_on_failed(self, verb, body):
+        self.check_action(body)
         ids = body.get("ids")
         if body.get("all") is True:
             matches = _failed_filter(*self.filters(body))
@@ -7620,8 +7635,8 @@ _DASHBOARD_PAGE = """<!doctype html>
 
   // ---- failed messages ---------------------------------------------------------------------
   function filterParams(target) {  // the filters of the last search, added to a query or a body
-    if (state.failed.handler) target.handler = state.failed.handler;
-    if (state.failed.error) target.error = state.failed.error;
+    if (state.failed.handler && state.failed.handler.trim()) target.handler = state.failed.handler;
+    if (state.failed.error && state.failed.error.trim()) target.error = state.failed.error;
     return target;
   }
 

@@ -96,6 +96,12 @@ def test_changes_need_the_bearer_token_always_and_do_what_they_say(project, web)
         assert call(base, path, "POST", body)[0] == 401  # no token
         assert call(base, path, "POST", body, token="wrong")[0] == 403
     assert call(base, "/api/failed/retry?token=%s" % TOKEN, "POST", {"ids": ids[:1]})[0] == 401  # never from the URL
+    # a body that could be read wider than meant is refused: a filter dropped would remove every failed message
+    for body in ({"all": True, "handler": 5}, {"all": True, "handler": "  "}, {"all": True, "handlers": "x"},
+                 {"all": True, "ids": [424242]}, {"ids": ids[:1], "handler": "x"}, {"all": "yes"}):
+        status, answer = call(base, "/api/failed/remove", "POST", body, token=TOKEN)
+        assert status == 400 and "error" in answer, body
+    assert sorted(e["id"] for e in call(base, "/api/failed")[1]["failed"]) == sorted(ids)
     assert call(base, "/api/failed/retry", "POST", {"ids": ids[:1]}, token=TOKEN) == (200, {"requeued": 1})
     assert call(base, "/api/failed/remove", "POST", {"ids": ids[1:2]}, token=TOKEN) == (200, {"removed": 1})
     assert call(base, "/api/failed/remove", "POST", {"all": True, "handler": "unrecoverable"}, token=TOKEN) == (
