@@ -891,6 +891,8 @@ class Transport:
         if conn is not None and local.pid == _own_pid:
             with contextlib.suppress(Exception):
                 conn.close()
+            with contextlib.suppress(ValueError):  # the web server opens one a request: forget each one closed
+                self._opened.remove((_own_pid, conn))
 
     close = reconnect
 
