@@ -6866,7 +6866,8 @@ def _cli_types():
 
     return {"size": Size(), "memory": Size(least=_KIB), "when": When(), "seconds": Seconds(min=0),
             "positive": Seconds(min=0, min_open=True), "count": click.IntRange(min=0),
-            "positive_count": click.IntRange(min=1, max=2 ** 63 - 1), "file": click.Path(dir_okay=False),
+            "positive_count": click.IntRange(min=1, max=2 ** 63 - 1), "port": click.IntRange(0, 65535),
+            "file": click.Path(dir_okay=False),
             "autorestart": click.Choice(_AUTORESTART), "log_format": click.Choice(_LOG_FORMATS)}
 
 
@@ -7052,6 +7053,39 @@ class _Dashboard:
         return answer
 
 
+def _request_json(content_length, stream):
+    """The JSON body of a request, read exactly: a bad length is the client's error, never a read until EOF."""
+    given = (content_length or "0").strip()
+    if not (given.isascii() and given.isdigit()):
+        raise InvalidMessage("Content-Length must be a number of bytes, not %r" % given[:40])
+    length = int(given)
+    if length > _MIB:
+        raise InvalidMessage("request body over 1 MiB")
+    raw = stream.read(length) if length else b"{}"
+    try:
+        return json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        raise InvalidMessage("the request body is not JSON") from None
+
+
+def _response_json(data):
+    """Strict JSON for the page's JSON.parse: a row written by another tool may hold NaN or Infinity."""
+    try:
+        return json.dumps(data, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), default=str, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _web_handler(dashboard, page):
     import urllib.parse
 
@@ -7104,19 +7138,20 @@ def _web_handler(dashboard, page):
             return host in ("localhost", "127.0.0.1", "::1", "")
 
         def body(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > _MIB:
-                raise InvalidMessage("request body over 1 MiB")
-            raw = self.rfile.read(length) if length else b"{}"
-            try:
-                return json.loads(raw or b"{}")
-            except (ValueError, RecursionError):
-                raise InvalidMessage("the request body is not JSON") from None
+            return _request_json(self.headers.get("Content-Length"), self.rfile)
 
-        def send(self, status, data, content_type="application/json"):
-            body = data if isinstance(data, (bytes, str)) else json.dumps(data, default=str)
+        def refuse_method(self):
+            self.send(405, {"error": "%s is not served here: GET, or POST for a change" % self.command},
+                      allow="GET, POST")
+
+        do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse_method
+
+        def send(self, status, data, content_type="application/json", allow=None):
+            body = data if isinstance(data, (bytes, str)) else _response_json(data)
             body = body.encode("utf-8") if isinstance(body, str) else body
             self.send_response(status)
+            if allow:
+                self.send_header("Allow", allow)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
@@ -7126,7 +7161,8 @@ def _web_handler(dashboard, page):
                              "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
                              "frame-ancestors 'none'")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
     return Handler
 
@@ -7164,7 +7200,7 @@ def serve_dashboard(transport, host="127.0.0.1", port=8080, token=None, queue_of
 
 
 @_command("web", _option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
-          _option("--port", type=int, default=8080, show_default=True, help="Port (0: any free one)."),
+          _option("--port", type="port", default=8080, show_default=True, help="Port (0: any free one)."),
           _option("--token", envvar="JOBRUNNER_WEB_TOKEN", help="Token the page and the API ask for (default: a new "
                   "one on loopback; required elsewhere). Also $JOBRUNNER_WEB_TOKEN."),
           _VERBOSITY, _APP)

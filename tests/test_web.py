@@ -274,3 +274,35 @@ def test_the_page_draws_the_chart_retries_a_failed_message_and_pauses_a_queue(pr
     assert (shots / "dashboard.png").stat().st_size > 10000
     assert errors == []
     assert not any("pwned" in a or a.isdigit() for a in alerts)
+
+
+def raw_request(base, text):
+    """Send ``text`` as written (what urllib would not send) and read the whole answer."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(text.encode())
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), head, body
+
+
+def test_odd_requests_get_a_json_answer_and_rows_with_nan_still_give_valid_json(project, web):
+    base = web["base"]
+    for length in ("abc", "-5", "-1"):  # -1 made the server read until the client closed
+        status, _, body = raw_request(base, "POST /api/stop-workers HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                                            "Bearer %s\r\nContent-Length: %s\r\nConnection: close\r\n\r\n" % (TOKEN, length))
+        assert status == 400 and "Content-Length must be a number of bytes" in json.loads(body)["error"]
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        status, head, body = raw_request(base, "%s /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                                         % method)
+        assert status == 405 and "Allow: GET, POST" in head and method in json.loads(body)["error"]
+    status, head, body = raw_request(base, "HEAD /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert status == 405 and body == ""  # a HEAD answer has no body
+    failed = call(base, "/api/failed")[1]["failed"][0]["id"]
+    project.execute("UPDATE messenger_messages SET body = '{\"n\": NaN, \"m\": [Infinity]}' WHERE id = ?", failed)
+    status, detail = call(base, "/api/failed/%d" % failed)
+    assert status == 200 and detail["payload"] == {"n": "nan", "m": ["inf"]}  # NaN is not JSON: JSON.parse refuses it
+    assert web["proc"].poll() is None
