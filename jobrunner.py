@@ -3238,10 +3238,12 @@ class _Schedule:
         if (cron is None) == (every is None):
             raise ConfigurationError("periodic handler %s needs a cron expression or every=SECONDS, not both" % name)
         if every is not None and not (isinstance(every, (int, float)) and not isinstance(every, bool) and
-                                      0 < every < float("inf")):
-            raise ConfigurationError("every must be a positive number of seconds, not %r" % (every,))
+                                      0.001 <= every < float("inf")):
+            raise ConfigurationError("every must be a number of seconds from 0.001, not %r" % (every,))
         self.name, self.every, self.tz = name, every, tz
         self.cron = _Cron(cron, tz) if cron is not None else None
+        if self.cron is not None:
+            self.cron.next_after(time.time())  # one that never runs (30 2: February 30th) is refused here, not at a tick
 
     def __str__(self):
         return "every %gs" % self.every if self.every else "%s (%s)" % (self.cron.expression, self.tz)

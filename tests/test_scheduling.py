@@ -85,7 +85,16 @@ def test_periodic_registration_checks_its_arguments(tmp_path):
         @jobs.periodic(every=60)
         def needs(user):
             pass
+    # each of these passed registration, then stopped the whole schedule at its first tick
+    with pytest.raises(jobrunner.ConfigurationError, match=r"cron expression '0 0 30 2 \*' never runs"):
+        jobs.periodic("0 0 30 2 *")(lambda: None)
+    for every in (1e-300, 0.0009, float("nan"), -1):
+        with pytest.raises(jobrunner.ConfigurationError, match="every must be a number of seconds from 0.001"):
+            jobs.periodic(every=every)(lambda: None)
     assert jobs.handlers == {}
+    jobs.periodic("0 0 29 2 *", name="leap_day")(lambda: None)  # rare, but it runs
+    jobs.periodic(every=0.001, name="often")(lambda: None)
+    assert sorted(jobs.handlers) == ["leap_day", "often"]
 
 
 # --- schedulers --------------------------------------------------------------------------------------
