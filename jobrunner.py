@@ -5813,6 +5813,7 @@ def _read_status(transport):
             "name": name,
             "program": program,
             "state": "UNKNOWN" if stale else state,
+            "host": host,
             "pid": pid,
             "uptime_s": round(now - started, 1) if pid and started else None,
             "handled": worker[6] if worker else 0,
@@ -5827,7 +5828,8 @@ def _read_status(transport):
     for name, host, pid, ppid, started, beat, handled, failed, rss, queues in workers:
         if (host, pid) in seen:
             continue
-        out.append({"name": name, "program": None, "state": "RUNNING", "pid": pid, "uptime_s": round(now - started, 1),
+        out.append({"name": name, "program": None, "state": "RUNNING", "host": host, "pid": pid,
+                    "uptime_s": round(now - started, 1),
                     "handled": handled, "failed": failed, "rss_bytes": rss, "beat_age_s": round(now - beat, 1),
                     "supervisor_pid": None, "exit_status": None, "description": "standalone worker on %s" % queues})
     return {"processes": out}
@@ -5905,9 +5907,9 @@ _METRICS = (
 )
 
 
-def _metrics_text(transport):
-    """Everything `/metrics` says, in Prometheus' text format."""
-    stats = transport.stats()
+def _metrics_text(transport, app=None):
+    """Everything `/metrics` says, in Prometheus' text format; with the app, its empty queues too (as `stats`)."""
+    stats = app.stats() if app else transport.stats()
     processes = _read_status(transport)["processes"]
     totals = transport.count_totals()
     samples = {name: [] for name, _, _ in _METRICS}
@@ -5920,7 +5922,9 @@ def _metrics_text(transport):
         samples["jobrunner_queue_oldest_ready_age_seconds"].append((labels, q["oldest_ready_age_s"] or 0))
     samples["jobrunner_failed_messages"].append(((), stats["failed"]))
     for p in processes:
-        labels = (("process", p["name"]), ("program", p["program"] or ""))
+        # two standalone workers are both "consume": the host and pid tell their series apart
+        labels = (("process", p["name"]), ("program", p["program"] or ""), ("host", p["host"] or ""),
+                  ("pid", str(p["pid"] or "")))
         samples["jobrunner_process_state"].append((labels + (("state", p["state"]),), 1))
         if p["rss_bytes"] is not None:
             samples["jobrunner_process_resident_memory_bytes"].append((labels, p["rss_bytes"]))
@@ -6914,11 +6918,16 @@ def _web_error(status, message):
 class _Dashboard:
     """What the web server answers, request by request, over one transport."""
 
-    def __init__(self, transport, token, loopback, queue_of=None):
+    def __init__(self, transport, token, loopback, app=None):
         self.transport = transport
         self.token = token
         self.loopback = loopback
-        self.queue_of = queue_of
+        self.app = app  # or None: then the database alone tells which queues there are
+        self.queue_of = app.queue_of if app else None
+
+    def stats(self):
+        """What `stats --json` prints, with the same app or without."""
+        return self.app.stats() if self.app else self.transport.stats()
 
     def authorized(self, headers, query, writing):
         import hmac
@@ -6936,7 +6945,7 @@ class _Dashboard:
 
     def get(self, path, query):
         if path == "/api/stats":
-            return 200, self.transport.stats()
+            return 200, self.stats()
         if path == "/api/status":
             return 200, _read_status(self.transport)
         if path == "/api/throughput":
@@ -6999,8 +7008,9 @@ class _Dashboard:
         match = re.fullmatch(r"/api/queues/([^/]+)/(pause|resume)", path)
         if match:
             queue = _check_queue_name(urllib.parse.unquote(match.group(1)))
-            if queue not in {entry["queue"] for entry in self.transport.stats()["queues"]}:  # paused ones included
-                return _web_error(404, "unknown queue %r: no message, worker or pause names it" % queue)
+            if queue not in {entry["queue"] for entry in self.stats()["queues"]}:  # paused ones included
+                return _web_error(404, "unknown queue %r: neither the app nor a message, worker or pause names it"
+                                  % queue)
             getattr(self.transport, match.group(2))([queue])
             return 200, {"queue": queue, "paused": match.group(2) == "pause"}
         match = re.fullmatch(r"/api/messages/(\d{1,18})/cancel", path)
@@ -7121,7 +7131,8 @@ def _web_handler(dashboard, page):
                 elif parts.path == "/":
                     return self.send(200, page, "text/html; charset=utf-8")
                 elif parts.path == "/metrics":
-                    return self.send(200, _metrics_text(dashboard.transport), "text/plain; version=0.0.4; charset=utf-8")
+                    return self.send(200, _metrics_text(dashboard.transport, dashboard.app),
+                                     "text/plain; version=0.0.4; charset=utf-8")
                 else:
                     status, data = dashboard.get(parts.path, query)
                 self.send(status, data)
@@ -7180,7 +7191,7 @@ def _is_loopback(host):
         return False
 
 
-def serve_dashboard(transport, host="127.0.0.1", port=8080, token=None, queue_of=None, ready=None):
+def serve_dashboard(transport, host="127.0.0.1", port=8080, token=None, app=None, ready=None):
     """Serve the dashboard until interrupted.  A host off loopback needs a token."""
     import secrets
     from http.server import ThreadingHTTPServer
@@ -7189,7 +7200,7 @@ def serve_dashboard(transport, host="127.0.0.1", port=8080, token=None, queue_of
     if not token and not loopback:
         raise ConfigurationError("serving on %s, off loopback, needs a token: --token or JOBRUNNER_WEB_TOKEN" % host)
     token = token or secrets.token_urlsafe(24)
-    dashboard = _Dashboard(transport, token, loopback, queue_of)
+    dashboard = _Dashboard(transport, token, loopback, app)
     server = ThreadingHTTPServer((host, port), _web_handler(dashboard, _DASHBOARD_PAGE))
     server.daemon_threads = True
     url = "http://%s:%d/?token=%s" % ("[%s]" % host if ":" in host else host, server.server_address[1], token)
@@ -7218,7 +7229,7 @@ def _cmd_web(host, port, token, verbosity, app_spec, dsn):
 
     previous = signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        serve_dashboard(transport, host, port, token, app.queue_of if app else None, announce)
+        serve_dashboard(transport, host, port, token, app, announce)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -7230,8 +7241,8 @@ def _cmd_web(host, port, token, verbosity, app_spec, dsn):
 @_command("metrics", _WHICH, _APP)
 def _cmd_metrics(verbosity, app_spec, dsn):
     """Print the queues, processes and counters in Prometheus' text format."""
-    _, transport = _transport_from(app_spec, dsn, verbosity)
-    sys.stdout.write(_metrics_text(transport))
+    app, transport = _transport_from(app_spec, dsn, verbosity)
+    sys.stdout.write(_metrics_text(transport, app))
 
 
 _DASHBOARD_PAGE = """<!doctype html>

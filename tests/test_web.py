@@ -193,6 +193,23 @@ def test_metrics_are_valid_prometheus_text_with_counters_that_survive_worker_res
     assert handled[("async", "note")] == 5
 
 
+def test_two_standalone_workers_are_two_series_in_the_metrics(project, app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app.setup()
+    workers = [project.start("consume", "async") for _ in range(2)]  # both named "consume"
+    wait_until(lambda: len(json.loads(project.cli("status", "--json").stdout)["processes"]) == 2,
+               message="both workers registered")
+    samples = [(s.name, tuple(sorted(s.labels.items())))
+               for f in text_string_to_metric_families(project.cli("metrics").stdout) for s in f.samples]
+    states = [dict(labels) for name, labels in samples if name == "jobrunner_process_state"]
+    assert sorted(int(s["pid"]) for s in states) == sorted(w.pid for w in workers)
+    assert len(samples) == len(set(samples)), "a scrape drops every sample but one of a repeated series"
+    for worker in workers:
+        worker.terminate()
+        worker.wait(10)
+
+
 # --- in a real browser ----------------------------------------------------------------------------
 
 
@@ -306,3 +323,22 @@ def test_odd_requests_get_a_json_answer_and_rows_with_nan_still_give_valid_json(
     status, detail = call(base, "/api/failed/%d" % failed)
     assert status == 200 and detail["payload"] == {"n": "nan", "m": ["inf"]}  # NaN is not JSON: JSON.parse refuses it
     assert web["proc"].poll() is None
+
+
+def test_with_the_app_the_api_and_metrics_list_its_queues_as_stats_does(project, app):
+    env = {"JOBRUNNER_DSN": ""}  # the app names the database (./jobrunner.db, as it runs here): its queues are known
+    assert project.cli("setup", env=env).returncode == 0
+    port = free_port()
+    proc = project.start("web", "--port", port, "--token", TOKEN, env=env)
+    try:
+        assert proc.stdout.readline().startswith("jobrunner web on ")
+        base = "http://127.0.0.1:%d" % port
+        stats = json.loads(project.cli("stats", "--json", env=env).stdout)
+        assert "empty" in [q["queue"] for q in stats["queues"]]  # declared by the app, never used
+        assert call(base, "/api/stats")[1] == stats
+        assert 'jobrunner_queue_ready_messages{queue="empty"} 0' in call(base, "/metrics")[1]
+        assert call(base, "/api/queues/empty/pause", "POST", token=TOKEN) == (200, {"queue": "empty", "paused": True})
+        assert call(base, "/api/queues/emtpy/pause", "POST", token=TOKEN)[0] == 404
+    finally:
+        proc.terminate()
+        proc.wait(10)
