@@ -3140,8 +3140,8 @@ def _cron_field(text, name, low, high, names):
                 bounds = [_cron_value(v, low, names) for v in spec.split("-")]
                 if len(bounds) > 2:
                     raise ValueError(spec)
-                first, last = bounds[0], bounds[-1] if len(bounds) == 2 else (high if step != 1 and "/" in part
-                                                                               else bounds[0])
+                # "5/15" runs from 5 to the end, as cronie reads it; "5/1" too (it ran only at 5)
+                first, last = bounds[0], bounds[-1] if len(bounds) == 2 else (high if "/" in part else bounds[0])
         except ValueError:
             raise ConfigurationError("cron %s field %r is not valid" % (name, text)) from None
         if step < 1 or not low <= first <= last <= high:
