@@ -4257,6 +4257,7 @@ class Worker:
                     _log.warning("message %d (%s): %s; back on the queue", delivery.id, handler.name, exc)
                     return _Outcome("release", delivery)
             failure = self._call(handler, payload, conn, lane)
+            lost = conn is not None and failure is not None and not self.transport._usable(conn)
             acked = False
             if conn is not None:
                 try:
@@ -4266,6 +4267,8 @@ class Worker:
                 except Exception as exc:
                     failure, acked = exc, False
                 lane.holding = None if acked else lane.holding
+            if lost:  # the database went away under the handler (a restart, a failover): nobody's failure
+                failure = _lost_under_handler(failure)
             if isinstance(failure, _Cancelled) or lane.cancelled == delivery.id:
                 return self._was_cancelled(delivery, handler, failure)
             if conn is not None:
@@ -4482,6 +4485,12 @@ class Worker:
             self.app._call_hooks("failure", _hook_envelope(delivery, name if isinstance(name, str) else None, headers),
                                  InvalidMessage(reason))
         return _fail_outcome(delivery, headers, error_class, reason, None, reason=reason, attempts=attempts)
+
+
+def _lost_under_handler(exc):
+    """A transactional handler's connection died: retried whatever max_retries says, as its transaction went too."""
+    return RecoverableError("the connection to the database was lost while the handler ran: %s: %s"
+                            % (_error_class(exc), exc), retry_after=1.0)
 
 
 def _hook_envelope(delivery, name, headers, payload=None):

@@ -229,6 +229,19 @@ def test_a_connection_cut_before_a_prefetched_transactional_handler_begins_costs
 
 
 @pytest.mark.postgres
+def test_a_connection_cut_under_a_running_transactional_handler_is_retried_not_failed(project, app):
+    app.dispatch("tx_slow", {"n": 1})  # max_retries=0: had the cut cost an attempt, it would fail
+    worker = watch_stderr(project.start("consume", "slow", "-v"))
+    wait_until(lambda: project.values("start") == ["1"], message="the handler to start")
+    assert project.query("SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                         "WHERE application_name = ? AND pid <> pg_backend_pid()", project.schema)[0][0] >= 1
+    wait_until(lambda: project.values("note") == ["1"], timeout=20, message="the message handled on a new connection")
+    assert project.values("start") == ["1", "1"]
+    wait_until(lambda: queue_counts(project) == (0, 0), timeout=10, message="an empty queue, nothing failed")
+    assert worker.poll() is None
+
+
+@pytest.mark.postgres
 def test_a_dispatch_from_a_handler_waits_for_the_wal_flush_as_every_dispatch_does(project, app):
     # The worker's own bookkeeping commits with synchronous_commit off on its connection; a handler's dispatch
     # shares that connection, yet it is the app's write.  A trigger records the setting each insert ran under.

@@ -176,6 +176,15 @@ def commits_by_sql(db, n):
 
 
 @jobs.handler(queue="slow", transactional=True, max_retries=0)
+def tx_slow(db, n, seconds=1.5):
+    record("start", n)
+    db.execute("SELECT 1")
+    time.sleep(seconds)
+    db.execute("SELECT 1")
+    record("note", n)
+
+
+@jobs.handler(queue="slow", transactional=True, max_retries=0)
 def tx_once(db, n):
     db.execute("SELECT 1")
     record("note", n)
