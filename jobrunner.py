@@ -6281,13 +6281,16 @@ def _check_control_queues(app, app_spec, transport, queues, resuming=False):
         except JobRunnerError as exc:
             _echo("jobrunner: warning: queue names not checked: %s" % exc, err=True)
     paused = transport.paused()
+    known = None
     for queue in queues:
         _check_queue_name(queue)
         if resuming and queue in paused:
             continue
         if app is not None:
             app.check_queues([queue])
-        elif queue not in {entry["queue"] for entry in transport.stats()["queues"]}:
+            continue
+        known = known if known is not None else {entry["queue"] for entry in transport.stats()["queues"]}
+        if queue not in known:
             _echo("jobrunner: warning: no message, worker or pause names queue %r in this database" % queue, err=True)
 
 
