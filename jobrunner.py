@@ -771,6 +771,15 @@ _PAUSED = "paused:"  # + a queue name: the control row of a paused queue
 _CANCELLED_QUEUE = "cancelled"  # where a running message waits, once cancelled, for its worker to stop it
 
 
+def _check_own_queue(queue, what):
+    """A queue an app may route to: a valid name, and not one of jobrunner's own."""
+    _check_queue_name(queue)
+    if queue in (FAILED_QUEUE, _CANCELLED_QUEUE):
+        raise ConfigurationError("queue %r is jobrunner's own (%s); give %s another" % (
+            queue, "failed messages" if queue == FAILED_QUEUE else "running messages being cancelled", what))
+    return queue
+
+
 @dataclasses.dataclass
 class _Outcome:
     """What to do with a claimed message: ack, retry, fail or release; applied fenced."""
@@ -1550,7 +1559,7 @@ class Transport:
                        if k not in _FAILURE_HEADERS and k not in ("attempts", "free_retries", "last_error")}
             headers["redelivered_from_failed"] = _int_header(headers, "redelivered_from_failed") + 1
             queue = envelope.headers.get("original_queue")
-            if not isinstance(queue, str) or not _QUEUE_NAME.match(queue) or queue == FAILED_QUEUE:
+            if not isinstance(queue, str) or not _QUEUE_NAME.match(queue) or queue in (FAILED_QUEUE, _CANCELLED_QUEUE):
                 queue = queue_of(envelope.handler) if queue_of and envelope.handler else None
             if queue is None:
                 left[envelope.id] = "its original queue is unknown and no registered handler %r routes it" % (
@@ -2664,10 +2673,10 @@ class JobRunner:
         self._hooks = {"before": [], "success": [], "retry": [], "failure": []}
         #: the schedules of periodic handlers, by handler name
         self.schedules = {}
-        self.default_queue = _check_queue_name(queue)
+        self.default_queue = _check_own_queue(queue, "the default queue")
         self.retry = RetryStrategy(max_retries, delay, multiplier, max_delay, jitter)
         self.handlers = {}
-        self._declared_queues = [_check_queue_name(q) for q in queues]
+        self._declared_queues = [_check_own_queue(q, "a declared queue") for q in queues]
         unknown = set(settings) - {f.name for f in dataclasses.fields(Settings)} | ({"path"} & set(settings))
         if unknown:
             raise ConfigurationError("JobRunner() got unknown setting(s): %s" % ", ".join(sorted(unknown)))
@@ -2735,9 +2744,7 @@ class JobRunner:
                 **{k: v for k, v in dict(max_retries=max_retries, delay=delay, multiplier=multiplier, max_delay=max_delay,
                                           jitter=jitter).items() if v is not None},
             )
-            target = _check_queue_name(queue or self.default_queue)
-            if target == FAILED_QUEUE:
-                raise ConfigurationError("queue %r holds failed messages; route handler %s elsewhere" % (FAILED_QUEUE, handler_name))
+            target = _check_own_queue(queue or self.default_queue, "handler %s" % handler_name)
             handler = Handler(self, fn, handler_name, target, retry, timeout, bool(transactional))
             self.handlers[handler_name] = handler
             return handler

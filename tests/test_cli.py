@@ -515,6 +515,11 @@ def test_failed_retry_routes_a_message_with_no_original_queue_to_its_handler_or_
     result = project.cli("failed", "retry", moved, env=NO_DSN)
     assert (result.returncode, result.stdout, result.stderr) == (0, "requeued 1 message(s)\n", "")
     assert query(default_db, "SELECT queue_name FROM messenger_messages WHERE id = ?", moved) == [("high",)]
+    # an original queue that is one of jobrunner's own is no queue to go back to: the handler's is
+    for own in ("failed", "cancelled"):
+        moved = insert_failed(project, {"handler": "note_high", "error_class": "X", "original_queue": own}, db=default_db)
+        assert project.cli("failed", "retry", moved, env=NO_DSN).returncode == 0
+        assert query(default_db, "SELECT queue_name FROM messenger_messages WHERE id = ?", moved) == [("high",)]
 
 
 # --- the first hour ---------------------------------------------------------------------------------

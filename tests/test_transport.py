@@ -996,3 +996,16 @@ def test_connections_closed_one_by_one_are_forgotten_so_a_long_running_server_do
     assert len(jobs.transport._opened) == 0
     jobs.transport.stats()
     assert len(jobs.transport._opened) == 1  # close_all() still finds the open one
+
+
+def test_jobrunners_own_queues_cannot_be_routed_to(tmp_path):
+    # the heartbeat took any message running on "cancelled" for one being cancelled, and deleted it unrun
+    path = str(tmp_path / "jobs.db")
+    for kwargs in ({"queue": "cancelled"}, {"queues": ["cancelled"]}, {"queue": "failed"}):
+        with pytest.raises(jobrunner.ConfigurationError, match="is jobrunner's own"):
+            JobRunner(path, **kwargs)
+    app = JobRunner(path)
+    for queue in ("cancelled", "failed"):
+        with pytest.raises(jobrunner.ConfigurationError, match="queue %r is jobrunner's own" % queue):
+            app.handler("h", queue=queue)(lambda: None)
+    assert app.handlers == {}
