@@ -730,6 +730,8 @@ _SQL = {
                     "GROUP BY minute ORDER BY minute",
     "control_set": "INSERT INTO jobrunner_control (key, value) VALUES (?, ?) "
                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    # a pause of a paused queue keeps its first time: `health --max-paused` measures from there
+    "control_add": "INSERT INTO jobrunner_control (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
     "process_upsert": "INSERT INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
                       "started_at, updated_at, description, exit_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                       "ON CONFLICT (name) DO UPDATE SET program = excluded.program, host = excluded.host, "
@@ -1325,7 +1327,7 @@ class Transport:
         now = time.time()
         with self.transaction(self.connection()) as conn:
             for queue in queues:
-                conn.execute(self.sql["control_set"], (_PAUSED + queue, now))
+                conn.execute(self.sql["control_add"], (_PAUSED + queue, now))
 
     def resume(self, queues):
         with self.transaction(self.connection()) as conn:
@@ -3245,8 +3247,8 @@ class _Schedule:
         if (cron is None) == (every is None):
             raise ConfigurationError("periodic handler %s needs a cron expression or every=SECONDS, not both" % name)
         if every is not None and not (isinstance(every, (int, float)) and not isinstance(every, bool) and
-                                      0.001 <= every < float("inf")):
-            raise ConfigurationError("every must be a number of seconds from 0.001, not %r" % (every,))
+                                      0.001 <= every < 1e12):  # past 30,000 years is no schedule (10**400: no float)
+            raise ConfigurationError("every must be a number of seconds from 0.001 to 1e12, not %.20r" % (every,))
         self.name, self.every, self.tz = name, every, tz
         self.cron = _Cron(cron, tz) if cron is not None else None
         if self.cron is not None:
@@ -6291,6 +6293,8 @@ def _check_control_queues(app, app_spec, transport, queues, resuming=False):
     known = None
     for queue in queues:
         _check_queue_name(queue)
+        if queue == FAILED_QUEUE and not (resuming and queue in paused):
+            raise InvalidMessage("the failure queue has no workers to pause: `consume failed` replays it when run")
         if resuming and queue in paused:
             continue
         if app is not None:

@@ -90,7 +90,7 @@ def test_periodic_registration_checks_its_arguments(tmp_path):
     # each of these passed registration, then stopped the whole schedule at its first tick
     with pytest.raises(jobrunner.ConfigurationError, match=r"cron expression '0 0 30 2 \*' never runs"):
         jobs.periodic("0 0 30 2 *")(lambda: None)
-    for every in (1e-300, 0.0009, float("nan"), -1):
+    for every in (1e-300, 0.0009, float("nan"), -1, 10 ** 400, 1e13):
         with pytest.raises(jobrunner.ConfigurationError, match="every must be a number of seconds from 0.001"):
             jobs.periodic(every=every)(lambda: None)
     assert jobs.handlers == {}
@@ -299,6 +299,13 @@ def test_pause_refuses_a_queue_the_app_does_not_route_to_and_any_paused_queue_ca
         result = project.cli("pause", queue, env={"JOBRUNNER_APP": ""})
         assert result.returncode == 0 and ("no message, worker or pause names queue 'elsewhere'" in result.stderr) == warned
     assert set(app.transport.paused()) == {"async", "elsewhere"}
+    since = app.transport.paused()["async"]
+    time.sleep(0.05)
+    assert project.cli("pause", "async").returncode == 0
+    assert app.transport.paused()["async"] == since  # paused again: still measured from the first pause
+    failed = project.cli("pause", "failed")  # replayed by `consume failed` when run: no worker to pause
+    assert failed.returncode == 2 and "the failure queue has no workers to pause" in failed.stderr
+    assert "failed" not in app.transport.paused()
 
 
 # --- cancelling ----------------------------------------------------------------------------------------
