@@ -6047,7 +6047,7 @@ def _echo(text="", err=False):
 
 
 def _echo_json(data):
-    _echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    _echo(_response_json(data, indent=2, ensure_ascii=False))
 
 
 _NO_APP = ("no app: give --app module[:attr], set JOBRUNNER_APP, or add [tool.jobrunner] app = \"module:attr\" to "
@@ -7103,12 +7103,15 @@ def _request_json(content_length, stream):
         raise InvalidMessage("the request body is not JSON") from None
 
 
-def _response_json(data):
-    """Strict JSON for the page's JSON.parse: a row written by another tool may hold NaN or Infinity."""
+def _response_json(data, **options):
+    """Strict JSON (JSON.parse, jq, Go): a row written by another tool may hold NaN or Infinity."""
     try:
-        return json.dumps(data, default=str, allow_nan=False)
+        return json.dumps(data, default=str, allow_nan=False, **options)
     except ValueError:
-        return json.dumps(_finite(data), default=str, allow_nan=False)
+        try:
+            return json.dumps(_finite(data), default=str, allow_nan=False, **options)
+        except RecursionError:  # only a row written by another tool nests this deep
+            return json.dumps({"error": "a stored value holds NaN or Infinity too deep to show"})
 
 
 def _finite(value):
@@ -7140,6 +7143,7 @@ def _web_handler(dashboard, page):
             self.respond(writing=True)
 
         def respond(self, writing):
+            self.body_read = False
             parts = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(parts.query)
             try:
@@ -7174,7 +7178,11 @@ def _web_handler(dashboard, page):
             return host in ("localhost", "127.0.0.1", "::1", "")
 
         def body(self):
-            return _request_json(self.headers.get("Content-Length"), self.rfile)
+            self.body_read = True
+            closing, self.close_connection = self.close_connection, True  # refused unread: the connection closes
+            body = _request_json(self.headers.get("Content-Length"), self.rfile)
+            self.close_connection = closing
+            return body
 
         def refuse_method(self):
             self.send(405, {"error": "%s is not served here: GET, or POST for a change" % self.command},
@@ -7188,6 +7196,10 @@ def _web_handler(dashboard, page):
             self.send_response(status)
             if allow:
                 self.send_header("Allow", allow)
+            if (self.headers.get("Content-Length") or "0").strip() != "0" and not getattr(self, "body_read", False):
+                self.close_connection = True  # its body, unread, would be taken for the next request
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
@@ -7217,16 +7229,22 @@ def _is_loopback(host):
 def serve_dashboard(transport, host="127.0.0.1", port=8080, token=None, app=None, ready=None):
     """Serve the dashboard until interrupted.  A host off loopback needs a token."""
     import secrets
+    import socket
+    import urllib.parse
     from http.server import ThreadingHTTPServer
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
 
     loopback = _is_loopback(host)
     if not token and not loopback:
         raise ConfigurationError("serving on %s, off loopback, needs a token: --token or JOBRUNNER_WEB_TOKEN" % host)
     token = token or secrets.token_urlsafe(24)
     dashboard = _Dashboard(transport, token, loopback, app)
-    server = ThreadingHTTPServer((host, port), _web_handler(dashboard, _DASHBOARD_PAGE))
-    server.daemon_threads = True
-    url = "http://%s:%d/?token=%s" % ("[%s]" % host if ":" in host else host, server.server_address[1], token)
+    server = Server((host, port), _web_handler(dashboard, _DASHBOARD_PAGE))
+    url = "http://%s:%d/?token=%s" % ("[%s]" % host if ":" in host else host, server.server_address[1],
+                                      urllib.parse.quote(token, safe=""))
     if ready is not None:
         ready(url)
     try:

@@ -468,6 +468,19 @@ def insert_failed(project, headers, body='{"n": 1}', db=None):
     return message_id
 
 
+def test_json_output_stays_strict_json_when_a_stored_row_holds_infinity(project):
+    project.cli("setup")
+    stored = insert_failed(project, {"handler": "note", "attempts": 1e400, "error_class": "X"}, body='{"n": NaN}')
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail("not JSON: %s" % name))
+
+    listed = strict(project.cli("failed", "show", "--json").stdout)
+    assert [m["id"] for m in listed["failed"]] == [stored]
+    detail = strict(project.cli("failed", "show", stored, "--json").stdout)
+    assert detail["payload"] == {"n": "nan"}
+
+
 def test_failed_show_escapes_terminal_control_characters_in_stored_text(project):
     project.cli("setup")
     evil = "\x1b[2J\x1b]0;owned\x07\u202eclear\x9b31m"

@@ -342,3 +342,41 @@ def test_with_the_app_the_api_and_metrics_list_its_queues_as_stats_does(project,
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_body_left_unread_is_never_taken_for_the_next_request(project, web):
+    smuggled = "GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for first in ("POST /api/failed/remove HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\n",  # 403
+                  "PUT /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n"):  # 405
+        host, port = web["base"].rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall((first + "Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled).encode())
+            answer = b""
+            while chunk := conn.recv(65536):  # the server closes: no second answer follows
+                answer += chunk
+        assert answer.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answer
+
+
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here (some containers)")
+def test_the_printed_link_carries_any_token_and_an_ipv6_loopback_serves(project, app):
+    app.setup()
+    port = free_port()
+    proc = project.start("web", "--host", "::1", "--port", port, "--token", "a+b&c#d")
+    try:
+        assert proc.stdout.readline().startswith("jobrunner web on ")
+        url = proc.stdout.readline().strip()
+        assert url == "http://[::1]:%d/?token=a%%2Bb%%26c%%23d" % port
+        status, stats = call("http://[::1]:%d" % port, "/api/stats?token=a%2Bb%26c%23d")
+        assert status == 200 and "queues" in stats
+    finally:
+        proc.terminate()
+        proc.wait(10)
