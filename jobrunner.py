@@ -6259,7 +6259,7 @@ def _cmd_stats(as_json, verbosity, app_spec, dsn):
     data = app.stats() if app else transport.stats()
     if as_json:
         return _echo_json(data)
-    rows = [[q["queue"], q["ready"], q["delayed"], q["in_flight"],
+    rows = [[_printable(q["queue"]), q["ready"], q["delayed"], q["in_flight"],
              "-" if q["oldest_ready_age_s"] is None else "%.1fs" % q["oldest_ready_age_s"],
              "paused" if q.get("paused") else ""] for q in data["queues"]]
     _echo(_table(rows, ["queue", "ready", "delayed", "in flight", "oldest ready", ""]))
@@ -6631,7 +6631,8 @@ def _cmd_status(as_json, verbosity, app_spec, dsn):
                 "-" if p["rss_bytes"] is None else _format_bytes(p["rss_bytes"]))
         else:
             detail = _printable(p["description"])
-        _echo("%-32s %s %s" % (p["name"], _paint("%-9s" % p["state"], _STATE_COLORS.get(p["state"])), detail))
+        _echo("%-32s %s %s" % (_printable(p["name"]), _paint("%-9s" % p["state"], _STATE_COLORS.get(p["state"])),
+                               detail))
 
 
 @_command("health", _option("--max-ready", type="count", help="Unhealthy above this many ready messages."),
@@ -6647,6 +6648,12 @@ def _cmd_health(max_ready, max_failed, max_age, max_paused, allow_no_workers, pi
                 dsn):
     """Exit 0 when the database answers, workers run and beat, and the thresholds hold; else 1."""
     if ping_file:
+        database_checks = [name for name, value in (("--max-ready", max_ready), ("--max-failed", max_failed),
+                                                    ("--max-paused", max_paused), ("--allow-no-workers", allow_no_workers))
+                           if value is not None and value is not False]  # 0 is a threshold
+        if database_checks:  # the ping file alone is checked: these would be ignored, and the answer a lie
+            raise ConfigurationError("--ping-file checks the file alone, without the database: %s cannot go with it"
+                                     % ", ".join(database_checks))
         return _ping_health(ping_file, 60.0 if max_age is None else max_age, as_json)
     _, transport = _transport_from(app_spec, dsn, verbosity)
     healthy, reasons, data = _check_health(transport, max_ready, max_failed, max_age, allow_no_workers, max_paused)

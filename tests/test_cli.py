@@ -287,6 +287,7 @@ BAD_COMMANDS = [
     pytest.param(("dispatch", "note", '{"n": 1}', "--queue", "a queue"), id="invalid-queue-name"),
     pytest.param(("dispatch", "note", '{"n": 1}', "--unique-key", "a\udcffb"), id="lone-surrogate-unique-key"),
     pytest.param(("web", "--port", "99999"), id="port-out-of-range"),
+    pytest.param(("health", "--ping-file", "x.ping", "--max-failed", "0"), id="ping-file-with-a-database-check"),
     pytest.param(("pause", "nope"), id="pause-unknown-queue"),
     pytest.param(("consume", "async", "--limit", "-1"), id="negative-limit"),
     pytest.param(("consume", "async", "--limit", "ten"), id="non-numeric-limit"),
@@ -466,6 +467,22 @@ def insert_failed(project, headers, body='{"n": 1}', db=None):
                                   "VALUES (?, ?, 'failed', 1, 1)", (body, json.dumps(headers))).lastrowid
     conn.close()
     return message_id
+
+
+def test_stats_and_status_escape_control_characters_in_stored_names(project):
+    import sqlite3
+
+    project.cli("setup")
+    conn = sqlite3.connect(str(project.db))
+    with conn:
+        conn.execute("INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at) "
+                     "VALUES ('{}', '{\"handler\": \"note\"}', ?, 1, 1)", ("q\x1b]0;pwned\x07",))
+        conn.execute("INSERT INTO jobrunner_workers (name, host, pid, ppid, queues, started_at, beat_at) "
+                     "VALUES (?, 'h', 1, 0, 'async', ?, ?)", ("w\x1b]0;pwned\x07", time.time(), time.time()))
+    conn.close()
+    for args in (("stats",), ("status",)):
+        shown = project.cli(*args)
+        assert shown.returncode == 0 and "\x1b" not in shown.stdout and "\\x1b]0;pwned\\x07" in shown.stdout
 
 
 def test_json_output_stays_strict_json_when_a_stored_row_holds_infinity(project):
