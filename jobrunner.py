@@ -6397,10 +6397,14 @@ def _failed_filter(handlers=(), errors=(), queues=(), since=None, until=None):
 def _cmd_failed_show(message_id, max_, by_class, handlers, errors, queues, since, until, as_json, verbosity, app_spec,
                      dsn):
     """List failed messages, or show one with its error (and traceback with -v)."""
+    import click
+
+    matches = _failed_filter(handlers, errors, queues, since, until)
+    if message_id is not None and (matches or by_class):
+        raise click.UsageError("give a message id, or filters and --stats, not both")
     _, transport = _transport_from(app_spec, dsn, verbosity)
     if message_id is not None:
         return _show_failed_message(transport, message_id, as_json, verbosity)
-    matches = _failed_filter(handlers, errors, queues, since, until)
     if by_class:
         groups = {}
         for e in transport.failed():
