@@ -6225,11 +6225,12 @@ def _cmd_consume(queues, limit, failure_limit, memory_limit, time_limit, sleep, 
     replay_filter = _failed_filter(handlers, errors) if list(queues) == [FAILED_QUEUE] else None
     if (handlers or errors) and list(queues) != [FAILED_QUEUE]:
         raise ConfigurationError("--handler and --error choose failed messages: they go with consume failed")
+    ping_file = _expand_ping_file(ping_file, "consume", os.getpid()) if ping_file else None
+    if ping_file and not os.path.isdir(os.path.dirname(os.path.abspath(ping_file))):  # a probe would fail forever
+        raise ConfigurationError("--ping-file %s: its directory does not exist" % ping_file)
     worker = app.worker(list(queues) or None, limit=limit, failure_limit=failure_limit, memory_limit=memory_limit,
                         time_limit=time_limit, sleep=sleep, name="consume", owns_process=True, threads=threads,
-                        prefetch=prefetch,
-                        replay_filter=replay_filter,
-                        ping_file=_expand_ping_file(ping_file, "consume", os.getpid()) if ping_file else None)
+                        prefetch=prefetch, replay_filter=replay_filter, ping_file=ping_file)
     worker.run()
     sys.exit(worker.exit_code)
 

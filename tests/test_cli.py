@@ -290,6 +290,7 @@ BAD_COMMANDS = [
     pytest.param(("health", "--ping-file", "x.ping", "--max-failed", "0"), id="ping-file-with-a-database-check"),
     pytest.param(("failed", "show", "1", "--handler", "note"), id="failed-show-id-with-a-filter"),
     pytest.param(("failed", "show", "1", "--stats"), id="failed-show-id-with-stats"),
+    pytest.param(("consume", "async", "--ping-file", "/nonexistent/w.ping"), id="ping-file-in-no-directory"),
     pytest.param(("pause", "nope"), id="pause-unknown-queue"),
     pytest.param(("consume", "async", "--limit", "-1"), id="negative-limit"),
     pytest.param(("consume", "async", "--limit", "ten"), id="non-numeric-limit"),
