@@ -684,9 +684,10 @@ _SQL = {
     "failed_count": "SELECT COUNT(*) FROM {messages} WHERE queue_name = 'failed'",
     "failed_ids": "SELECT id FROM {messages} WHERE queue_name = 'failed' ORDER BY id",
     "failed_found": "SELECT id FROM {messages} WHERE queue_name = 'failed' AND id {in_ids}",
+    # a failed message that `consume failed` is replaying stays where it is: moved, another worker would run it too
     "requeue": "UPDATE {messages} SET queue_name = ?, headers = ?, attempts = 0, available_at = ?, delivered_at = NULL, "
-               "claimed_by = NULL WHERE id = ? AND queue_name = 'failed'",
-    "remove_failed": "DELETE FROM {messages} WHERE queue_name = 'failed' AND id {in_ids}",
+               "claimed_by = NULL WHERE id = ? AND queue_name = 'failed' AND delivered_at IS NULL",
+    "remove_failed": "DELETE FROM {messages} WHERE queue_name = 'failed' AND delivered_at IS NULL AND id {in_ids}",
     "worker_insert": "INSERT INTO jobrunner_workers (name, host, pid, ppid, queues, started_at, beat_at) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
     "worker_beat": "UPDATE jobrunner_workers SET beat_at = ?, beats = beats + 1, handled = ?, failed = ?, rss_bytes = ?, "
@@ -1567,7 +1568,10 @@ class Transport:
                 left[envelope.id] = "its original queue is unknown and no registered handler %r routes it" % (
                     envelope.handler,)
                 continue
-            moved += conn.execute(self.sql["requeue"], (queue, _encode_headers(headers), now, envelope.id)).rowcount
+            if conn.execute(self.sql["requeue"], (queue, _encode_headers(headers), now, envelope.id)).rowcount:
+                moved += 1
+            else:
+                left[envelope.id] = "`consume failed` is replaying it right now"
         return moved, left
 
     def remove_failed(self, ids, conn):

@@ -555,6 +555,23 @@ def test_failed_retry_routes_a_message_with_no_original_queue_to_its_handler_or_
         assert query(default_db, "SELECT queue_name FROM messenger_messages WHERE id = ?", moved) == [("high",)]
 
 
+def test_a_failed_message_being_replayed_is_neither_requeued_nor_removed(project):
+    # `consume failed` holds it: requeued, a second worker would run it at the same time
+    project.cli("setup")
+    replaying = insert_failed(project, {"handler": "note", "error_class": "X", "original_queue": "async"})
+    import sqlite3
+
+    conn = sqlite3.connect(str(project.db))
+    with conn:
+        conn.execute("UPDATE messenger_messages SET delivered_at = ?, claimed_by = 1 WHERE id = ?", (time.time(), replaying))
+    conn.close()
+    retried = project.cli("failed", "retry", replaying)
+    assert retried.returncode == 1 and retried.stdout == "requeued 0 message(s)\n"
+    assert "`consume failed` is replaying it right now" in retried.stderr
+    assert project.cli("failed", "remove", replaying, "--force").stdout == "removed 0 message(s)\n"
+    assert query(project.db, "SELECT queue_name FROM messenger_messages WHERE id = ?", replaying) == [("failed",)]
+
+
 # --- the first hour ---------------------------------------------------------------------------------
 
 
