@@ -5822,6 +5822,10 @@ _UNHEALTHY_STATES = (_Process.BACKOFF, _Process.FATAL, _Process.STOPPED, "UNKNOW
 def _read_status(transport):
     """Every supervised process and standalone worker on this database, as ``status --json`` prints them."""
     procs, workers = transport.status_rows()
+    # a row written by another tool may hold text where a number belongs: shown as unknown, not a traceback
+    procs = [row[:3] + (_number(row[3]), row[4]) + tuple(_number(v) for v in row[5:9]) + row[9:] for row in procs]
+    workers = [row[:2] + tuple(_number(v) for v in row[2:6]) + tuple(_number(v) or 0 for v in row[6:8])
+               + (_number(row[8]),) + row[9:] for row in workers]
     now = time.time()
     by_pid = {(w[1], w[2]): w for w in workers}
     here = _host_identity()
@@ -5830,7 +5834,8 @@ def _read_status(transport):
         worker = by_pid.get((host, pid)) if pid else None
         if worker:
             seen.add((host, pid))
-        stale = now - updated > _SUPERVISOR_STALE_S or (host == here and not _pid_alive(sup_pid))
+        stale = (updated is None or now - updated > _SUPERVISOR_STALE_S
+                 or (host == here and not (isinstance(sup_pid, int) and _pid_alive(sup_pid))))
         out.append({
             "name": name,
             "program": program,
@@ -5841,20 +5846,25 @@ def _read_status(transport):
             "handled": worker[6] if worker else 0,
             "failed": worker[7] if worker else 0,
             "rss_bytes": worker[8] if worker else None,
-            "beat_age_s": round(now - worker[5], 1) if worker else None,
+            "beat_age_s": round(now - worker[5], 1) if worker and worker[5] is not None else None,
             "supervisor_pid": sup_pid,
             "exit_status": exit_status,
-            "description": "supervisor (pid %d) is gone" % sup_pid if stale and host == here else
-            "supervisor not responding for %.0fs" % (now - updated) if stale else description,
+            "description": "supervisor (pid %s) is gone" % sup_pid if stale and host == here else
+            "supervisor not responding for %.0fs" % (now - (updated or 0)) if stale else description,
         })
     for name, host, pid, ppid, started, beat, handled, failed, rss, queues in workers:
         if (host, pid) in seen:
             continue
         out.append({"name": name, "program": None, "state": "RUNNING", "host": host, "pid": pid,
-                    "uptime_s": round(now - started, 1),
-                    "handled": handled, "failed": failed, "rss_bytes": rss, "beat_age_s": round(now - beat, 1),
+                    "uptime_s": None if started is None else round(now - started, 1),
+                    "handled": handled, "failed": failed, "rss_bytes": rss,
+                    "beat_age_s": None if beat is None else round(now - beat, 1),
                     "supervisor_pid": None, "exit_status": None, "description": "standalone worker on %s" % queues})
     return {"processes": out}
+
+
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else None
 
 
 def _judge_process(proc, timeout):

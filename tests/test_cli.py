@@ -488,6 +488,23 @@ def test_stats_and_status_escape_control_characters_in_stored_names(project):
         assert shown.returncode == 0 and "\x1b" not in shown.stdout and "\\x1b]0;pwned\\x07" in shown.stdout
 
 
+def test_status_metrics_and_health_read_text_where_a_process_row_holds_numbers(project):
+    import sqlite3
+
+    project.cli("setup")
+    conn = sqlite3.connect(str(project.db))
+    with conn:  # rows as another tool could leave them
+        conn.execute("INSERT INTO jobrunner_workers (name, host, pid, ppid, queues, started_at, beat_at, handled, "
+                     "rss_bytes) VALUES ('w', 'h', 'x', 0, 'async', 'then', 'now', 'many', '12MB')")
+        conn.execute("INSERT INTO jobrunner_processes (name, program, host, supervisor_pid, state, pid, state_since, "
+                     "started_at, updated_at) VALUES ('p', 'p', 'h', 'one', 'RUNNING', 'two', 'x', 'y', 'z')")
+    conn.close()
+    for args in (("status",), ("status", "--json"), ("metrics",), ("health",)):
+        result = project.cli(*args)
+        assert result.returncode in (0, 1) and "Traceback" not in result.stderr, (args, result.stderr)
+    assert project.cli("health").returncode == 1  # nothing it can trust is running
+
+
 def test_json_output_stays_strict_json_when_a_stored_row_holds_infinity(project):
     project.cli("setup")
     stored = insert_failed(project, {"handler": "note", "attempts": 1e400, "error_class": "X"}, body='{"n": NaN}')
