@@ -7217,28 +7217,38 @@ def _web_handler(dashboard, page):
         do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse_method
 
         def send(self, status, data, content_type="application/json", allow=None):
-            body = data if isinstance(data, (bytes, str)) else _response_json(data)
-            body = body.encode("utf-8") if isinstance(body, str) else body
-            self.send_response(status)
-            if allow:
-                self.send_header("Allow", allow)
-            if (self.headers.get("Content-Length") or "0").strip() != "0" and not getattr(self, "body_read", False):
-                self.close_connection = True  # its body, unread, would be taken for the next request
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Referrer-Policy", "no-referrer")
-            self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
-                             "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
-                             "frame-ancestors 'none'")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            _send_response(self, status, data, content_type, allow)
 
     return Handler
+
+
+_SECURITY_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+)
+
+
+def _send_response(request, status, data, content_type, allow=None):
+    """Write one answer of the web server: JSON unless bytes or text are given, never cached, never framed."""
+    body = data if isinstance(data, (bytes, str)) else _response_json(data)
+    body = body.encode("utf-8") if isinstance(body, str) else body
+    request.send_response(status)
+    if allow:
+        request.send_header("Allow", allow)
+    if (request.headers.get("Content-Length") or "0").strip() != "0" and not getattr(request, "body_read", False):
+        request.close_connection = True  # its body, unread, would be taken for the next request
+    if request.close_connection:
+        request.send_header("Connection", "close")
+    request.send_header("Content-Type", content_type)
+    request.send_header("Content-Length", str(len(body)))
+    for name, value in _SECURITY_HEADERS:
+        request.send_header(name, value)
+    request.end_headers()
+    if request.command != "HEAD":
+        request.wfile.write(body)
 
 
 def _is_loopback(host):
