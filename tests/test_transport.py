@@ -931,7 +931,7 @@ def test_a_claim_of_a_forgotten_worker_goes_back_at_once_and_another_tools_after
 
 
 @pytest.mark.postgres
-def test_libpq_options_with_spaces_reach_the_server_as_written(tmp_path):
+def test_libpq_options_with_spaces_reach_the_server_as_written(backend):
     import uuid
 
     schema = "t_" + uuid.uuid4().hex[:16]
@@ -963,7 +963,7 @@ def test_a_malformed_postgresql_dsn_is_one_line_without_its_password(tmp_path, d
 
 
 @pytest.mark.postgres
-def test_the_longest_names_allowed_work_on_postgresql_and_a_longer_table_is_refused_on_both(tmp_path):
+def test_the_longest_names_allowed_work_on_postgresql_and_a_longer_table_is_refused_on_both(backend, tmp_path):
     schema = "s" * 63  # the channel would be jobrunner_<schema>_<table>: far over PostgreSQL's 63 bytes
     table = "t" * 55  # its index names (t..._claimed) take the 63 bytes exactly
     app = JobRunner("%s&table=%s" % (postgres_dsn(schema), table))
