@@ -2104,6 +2104,11 @@ class PostgresTransport(Transport):
         self.driver_errors = (self.psycopg.Error,)
         super().__init__(settings)
         self.channel = _channel_name(settings.schema, settings.table)
+        import urllib.parse
+
+        self._connect_options = {"prepare_threshold": None} if settings.pgbouncer else {}
+        if "connect_timeout" not in dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(settings.url).query)):
+            self._connect_options["connect_timeout"] = max(1, int(settings.busy_timeout))  # unless the DSN gives one
         settle_claim = ("WITH settled AS ({settle} RETURNING 1), claimed AS ({claim}) "
                         "SELECT (SELECT COUNT(*) FROM settled), claimed.* FROM (SELECT 1) AS one "
                         "LEFT JOIN claimed ON true")
@@ -2139,14 +2144,9 @@ class PostgresTransport(Transport):
         return where if self.settings.table == "messenger_messages" else "%s (table %s)" % (where, self.settings.table)
 
     def _open(self, create):
-        import urllib.parse
-
         settings = self.settings
-        options = {"prepare_threshold": None} if settings.pgbouncer else {}
-        if "connect_timeout" not in dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(settings.url).query)):
-            options["connect_timeout"] = max(1, int(settings.busy_timeout))  # unless the DSN gives its own
         try:
-            conn = self.psycopg.connect(settings.url, autocommit=True, **options)
+            conn = self.psycopg.connect(settings.url, autocommit=True, **self._connect_options)
         except self.psycopg.Error as exc:
             raise self._error(exc) from None
         try:
@@ -5939,9 +5939,14 @@ _METRICS = (
 )
 
 
+def _queue_stats(app, transport):
+    """What `stats --json` prints: with the app, its queues are listed even when empty."""
+    return app.stats() if app else transport.stats()
+
+
 def _metrics_text(transport, app=None):
     """Everything `/metrics` says, in Prometheus' text format; with the app, its empty queues too (as `stats`)."""
-    stats = app.stats() if app else transport.stats()
+    stats = _queue_stats(app, transport)
     processes = _read_status(transport)["processes"]
     totals = transport.count_totals()
     samples = {name: [] for name, _, _ in _METRICS}
@@ -6271,7 +6276,7 @@ def _cmd_handlers(as_json, verbosity, app_spec, dsn):
 def _cmd_stats(as_json, verbosity, app_spec, dsn):
     """Ready, delayed and in-flight messages per queue, and the failed count."""
     app, transport = _transport_from(app_spec, dsn, verbosity)
-    data = app.stats() if app else transport.stats()
+    data = _queue_stats(app, transport)
     if as_json:
         return _echo_json(data)
     rows = [[_printable(q["queue"]), q["ready"], q["delayed"], q["in_flight"],
@@ -6976,7 +6981,7 @@ class _Dashboard:
 
     def stats(self):
         """What `stats --json` prints, with the same app or without."""
-        return self.app.stats() if self.app else self.transport.stats()
+        return _queue_stats(self.app, self.transport)
 
     def authorized(self, headers, query, writing):
         import hmac
